@@ -1,0 +1,1 @@
+"""ivl_frontend"""

@@ -1,0 +1,1 @@
+"""ivl_gateway"""

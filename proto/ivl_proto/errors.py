@@ -1,0 +1,98 @@
+"""One error table for the whole stack: ErrorCode -> gRPC status and HTTP status.
+
+Services raise ServingError(code, message); the gRPC layer aborts with the mapped status and the
+HTTP layer answers with the mapped status code. Messages are written for a person to act on,
+e.g. "image is 30000x30000 = 900.0 MP; the limit is 80.0 MP".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    FAILED_PRECONDITION = "failed_precondition"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    grpc_status: grpc.StatusCode
+    http_status: int
+    openai_type: str
+
+
+ERROR_TABLE: dict[ErrorCode, ErrorMapping] = {
+    ErrorCode.INVALID_ARGUMENT: ErrorMapping(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorMapping(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    ErrorCode.UNAUTHENTICATED: ErrorMapping(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    ErrorCode.NOT_FOUND: ErrorMapping(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+    ErrorCode.RESOURCE_EXHAUSTED: ErrorMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    ErrorCode.FAILED_PRECONDITION: ErrorMapping(grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_request_error"),
+    ErrorCode.UNAVAILABLE: ErrorMapping(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ErrorCode.DEADLINE_EXCEEDED: ErrorMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
+    ErrorCode.CANCELLED: ErrorMapping(grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    ErrorCode.INTERNAL: ErrorMapping(grpc.StatusCode.INTERNAL, 500, "server_error"),
+}
+
+_BY_GRPC_STATUS: dict[grpc.StatusCode, ErrorCode] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE: ErrorCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED: ErrorCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: ErrorCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND: ErrorCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE: ErrorCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
+}
+
+
+class ServingError(Exception):
+    """An error with a code from the table and a message a person can act on."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def grpc_status(self) -> grpc.StatusCode:
+        return ERROR_TABLE[self.code].grpc_status
+
+    @property
+    def http_status(self) -> int:
+        return ERROR_TABLE[self.code].http_status
+
+    def __repr__(self) -> str:
+        return f"ServingError({self.code.name}, {self.message!r})"
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def from_grpc_error(error: grpc.RpcError, service: str) -> ServingError:
+    """Turn a downstream call's failure into a ServingError that names the service."""
+    status = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
+    if code is ErrorCode.UNAVAILABLE:
+        return ServingError(code, f"the {service} service is unavailable: {details}")
+    if code is ErrorCode.DEADLINE_EXCEEDED:
+        return ServingError(code, f"the {service} service did not answer in time: {details}")
+    if code is ErrorCode.INTERNAL:
+        return ServingError(code, f"the {service} service failed ({status.name}): {details}")
+    return ServingError(code, details or status.name)

@@ -1,0 +1,116 @@
+"""Shared gRPC plumbing: channel/server options, error mapping, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ivl_proto.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+# 40 tiles x 256 tokens x 6144 hidden x 4 bytes (fp32) = 252 MB for one image of InternVL-Chat-V1-5.
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options raising gRPC's 4 MiB default on both send and receive, for servers and channels."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an async servicer method (unary or server-streaming) so that a ServingError aborts
+    the call with the status from the error table and its message, also mid-stream."""
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except ServingError as error:
+                await context.abort(error.grpc_status, error.message)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServingError as error:
+            await context.abort(error.grpc_status, error.message)
+
+    return unary_wrapper
+
+
+def new_aio_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    return grpc.aio.server(options=message_size_options(max_message_bytes))
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (every service NOT_SERVING until set_serving) and reflection."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind an insecure port (0 = pick a free one) and return the bound port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    return bound
+
+
+async def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM arrives."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def graceful_stop(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer | None,
+    grace_s: float,
+    on_stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Report NOT_SERVING, let in-flight calls finish for grace_s, then stop."""
+    if health_servicer is not None:
+        await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    if on_stopped is not None:
+        await on_stopped()
+    log.info("server stopped")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up everything the stack and the tests need on a fresh Debian machine:
+# system packages (redis-server, chromium), a virtualenv at .venv with every package of this repo
+# installed editable against constraints.txt, and the generated gRPC stubs. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing system packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+stamp=.venv/.ivl-installed
+inputs=$(cat constraints.txt proto/pyproject.toml services/*/pyproject.toml gateway/pyproject.toml \
+  frontend/pyproject.toml tools/*/pyproject.toml requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
+  echo "installing Python packages into .venv (first run takes a few minutes)"
+  $VPY -m pip install -q --disable-pip-version-check -c constraints.txt grpcio-tools
+  $VPY proto/generate.py
+  $VPY -m pip install -q --disable-pip-version-check -c constraints.txt \
+    -e proto -e tools/tiny_checkpoint -e services/vision_encoder -e services/llm -e gateway -e frontend \
+    -r requirements-dev.txt
+  echo "$inputs" > "$stamp"
+else
+  $VPY proto/generate.py
+fi
