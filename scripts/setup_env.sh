@@ -28,7 +28,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt grpcio-tools
   $VPY proto/generate.py
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt \
-    -e proto -e tools/tiny_checkpoint -e services/vision_encoder -e services/llm -e gateway -e frontend \
+    -e proto -e tools/tiny_checkpoint -e tools/stack -e services/vision_encoder -e services/llm -e gateway -e frontend \
     -r requirements-dev.txt
   echo "$inputs" > "$stamp"
 else

@@ -1,0 +1,1 @@
+"""ivl_stack: starts the whole stack with one command."""
