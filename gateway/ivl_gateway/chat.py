@@ -1,0 +1,185 @@
+"""One chat turn end to end, shared by the gRPC and HTTP APIs.
+
+images -> embeddings (cache / vision) -> ImageInfo events -> LLM Generate stream -> deltas -> Final.
+Closing the returned stream early (client gone, cancelled) cancels the downstream Generate call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.gateway.v1 import gateway_pb2
+from ivl_proto.llm.v1 import llm_pb2
+
+from ivl_gateway.cache import EmbeddingCache
+from ivl_gateway.conversation import ChatTurn, TurnLimits, collect_images, llm_messages, resolve_tiling
+from ivl_gateway.embedding_codec import TilingChoice
+from ivl_gateway.image_embeddings import EmbeddingResolver
+from ivl_gateway.llm_client import LLMClient
+from ivl_gateway.metrics import GatewayMetrics
+from ivl_gateway.settings import MAX_TILES_LIMIT, GatewaySettings
+from ivl_gateway.vision_client import VisionClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    detail: dict[str, object]
+
+
+class ChatService:
+    """Owns the downstream clients and the cache; `chat(turn)` streams gateway ChatResponse events."""
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or GatewayMetrics()
+        self.cache = EmbeddingCache(settings, self.metrics)
+        self.vision = VisionClient(settings, self.metrics)
+        self.llm = LLMClient(settings)
+        self.resolver = EmbeddingResolver(settings, self.cache, self.vision, self.metrics)
+        self.limits = TurnLimits(settings.max_images_per_request, settings.max_text_chars)
+
+    async def start(self) -> None:
+        await self.vision.start()
+        await self.llm.start()
+
+    async def close(self) -> None:
+        await self.vision.close()
+        await self.llm.close()
+        await self.cache.close()
+
+    async def default_tiling(self) -> tuple[TilingChoice, int]:
+        info = await self.vision.info()
+        d = info.default_tiling
+        limit = info.max_tiles_limit or MAX_TILES_LIMIT
+        max_tiles = self.settings.default_max_tiles or (d.max_tiles if d.HasField("max_tiles") else 12)
+        thumb = self.settings.default_use_thumbnail
+        if thumb is None:
+            thumb = d.use_thumbnail if d.HasField("use_thumbnail") else True
+        min_tiles = d.min_tiles if d.HasField("min_tiles") else 1
+        return TilingChoice(min(max_tiles, limit), min(min_tiles, max_tiles), thumb), limit
+
+    async def chat(self, turn: ChatTurn, api: str = "grpc") -> AsyncIterator[gateway_pb2.ChatResponse]:
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            async for event in self._chat(turn, start):
+                yield event
+            outcome = "ok"
+        except ServingError as error:
+            outcome = error.code.value
+            raise
+        except (GeneratorExit, asyncio.CancelledError):  # the caller went away or cancelled
+            outcome = "cancelled"
+            raise
+        finally:
+            self.metrics.requests.labels(api=api, outcome=outcome).inc()
+            self.metrics.request_latency.labels(api=api).observe(time.perf_counter() - start)
+
+    async def _chat(self, turn: ChatTurn, start: float) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        images = collect_images(turn, self.limits)
+        llm_info = await self.llm.info()
+        embeddings: list[common_pb2.Tensor] = []
+        hits = 0
+        vision_s = 0.0
+        if images:
+            vision_info = await self.vision.info()
+            if vision_info.hidden_size != llm_info.hidden_size:
+                raise ServingError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"the vision service outputs width {vision_info.hidden_size} but the LLM's hidden size is "
+                    f"{llm_info.hidden_size}: the two services run different models",
+                )
+            defaults, limit = await self.default_tiling()
+            tiling = resolve_tiling(turn.tiling, defaults, limit)
+            vision_start = time.perf_counter()
+            resolved = await self.resolver.resolve(
+                images, tiling, len(turn.messages) - 1, vision_info.fingerprint,
+                vision_info.hidden_size, llm_info.context_length,
+            )
+            vision_s = time.perf_counter() - vision_start
+            for item in resolved:
+                hits += item.cache_hit
+                embeddings.append(item.embedding.to_tensor_pb())
+                yield gateway_pb2.ChatResponse(
+                    image=gateway_pb2.ImageInfo(
+                        message_index=item.image.message_index,
+                        image_index=item.image.image_index,
+                        plan=item.embedding.plan,
+                        cache_hit=item.cache_hit,
+                        encode_s=item.encode_s,
+                    )
+                )
+        request = llm_pb2.GenerateRequest(
+            messages=llm_messages(turn, len(images)),
+            image_embeddings=embeddings,
+            sampling=turn.sampling,
+            request_id=turn.request_id,
+        )
+        first_token_at: float | None = None
+        async for response in self.llm.generate(request):
+            if response.HasField("delta"):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    self.metrics.ttft.observe(first_token_at - start)
+                if response.delta.text:
+                    yield gateway_pb2.ChatResponse(delta=response.delta.text)
+            elif response.HasField("final"):
+                usage = common_pb2.Usage()
+                usage.CopyFrom(response.final.usage)
+                now = time.perf_counter()
+                usage.total_s = now - start
+                usage.time_to_first_token_s = (first_token_at or now) - start
+                self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+                self.metrics.completion_tokens.inc(usage.completion_tokens)
+                if usage.decode_tokens_per_s > 0:
+                    self.metrics.tokens_per_s.observe(usage.decode_tokens_per_s)
+                yield gateway_pb2.ChatResponse(
+                    final=gateway_pb2.Final(
+                        finish_reason=response.final.finish_reason,
+                        usage=usage,
+                        images=len(images),
+                        cache_hits=hits,
+                        vision_s=vision_s,
+                    )
+                )
+                return
+        raise ServingError(ErrorCode.UNAVAILABLE, "the LLM service ended the stream without a final message")
+
+    async def readiness(self) -> Readiness:
+        """Vision and LLM reachable and compatible (same hidden size); Redis state reported."""
+        detail: dict[str, object] = {}
+        ready = True
+        vision_hidden = llm_hidden = None
+        try:
+            vision_info = await self.vision.info(refresh=True)
+            vision_hidden = vision_info.hidden_size
+            detail["vision"] = {"ok": True, "model_id": vision_info.model_id, "fingerprint": vision_info.fingerprint}
+        except ServingError as error:
+            ready = False
+            detail["vision"] = {"ok": False, "error": error.message}
+        try:
+            llm_info = await self.llm.info(refresh=True)
+            llm_hidden = llm_info.hidden_size
+            detail["llm"] = {"ok": True, "model_id": llm_info.model_id, "context_length": llm_info.context_length}
+        except ServingError as error:
+            ready = False
+            detail["llm"] = {"ok": False, "error": error.message}
+        if vision_hidden is not None and llm_hidden is not None and vision_hidden != llm_hidden:
+            ready = False
+            detail["compatible"] = f"vision width {vision_hidden} != LLM hidden size {llm_hidden}"
+        else:
+            detail["compatible"] = ready
+        if self.cache.enabled:
+            detail["redis"] = "ok" if await self.cache.ping() else "down (serving uncached)"
+        else:
+            detail["redis"] = "disabled"
+        return Readiness(ready, detail)

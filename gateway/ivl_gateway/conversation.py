@@ -1,0 +1,159 @@
+"""A chat conversation as the gateway sees it: validation, `<image>` placeholders and the tile budget.
+
+Placeholders (the reference's convention): a conversation with a single image gets "<image>\\n" before
+the text of its message; with several images, every image becomes "Image-K: <image>\\n" (K counts the
+images of the whole conversation, 1-based, so "Image-3" means the same image in every later turn),
+placed before the text of its message in order.
+
+Tile budget (the reference demo's rule): the images of the latest user message share the request's
+max_tiles: each gets max(1, max_tiles // n). Earlier messages' images keep the tiling they were
+encoded with (remembered in the cache), so a later turn finds them; without a memory (no Redis, or
+expired), the same rule is applied to their own message, which gives the same answer as long as the
+client keeps its tiling options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.llm.v1 import llm_pb2
+
+from ivl_gateway.embedding_codec import TilingChoice
+
+PLACEHOLDER = "<image>"
+ROLE_NAMES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+}
+
+
+@dataclass
+class ChatMessage:
+    """One message; `parts` are text strings and image bytes, in order."""
+
+    role: int  # common_pb2.Role
+    parts: list[str | bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChatImage:
+    data: bytes
+    message_index: int
+    image_index: int  # among all images of the request
+
+
+@dataclass
+class ChatTurn:
+    """One chat turn, API-independent: what chat.ChatService runs."""
+
+    messages: list[ChatMessage]
+    sampling: common_pb2.SamplingParams
+    tiling: common_pb2.TilingOptions
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TurnLimits:
+    max_images: int
+    max_text_chars: int
+
+
+def collect_images(turn: ChatTurn, limits: TurnLimits) -> list[ChatImage]:
+    """Validate the messages and list their images in order."""
+    if not turn.messages:
+        raise invalid("messages is empty: send at least one user message")
+    if turn.messages[-1].role != common_pb2.ROLE_USER:
+        raise invalid("the last message must be a user message")
+    images: list[ChatImage] = []
+    chars = 0
+    for m_index, message in enumerate(turn.messages):
+        if message.role not in ROLE_NAMES:
+            raise invalid(f"message {m_index} has no valid role (system, user or assistant)")
+        if message.role == common_pb2.ROLE_SYSTEM and m_index != 0:
+            raise invalid(f"message {m_index}: a system message is only allowed first")
+        for part in message.parts:
+            if isinstance(part, bytes):
+                if message.role != common_pb2.ROLE_USER:
+                    raise invalid(f"message {m_index}: images are only allowed in user messages")
+                if not part:
+                    raise invalid(f"message {m_index}: image {len(images)} is empty (0 bytes)")
+                images.append(ChatImage(part, m_index, len(images)))
+            else:
+                if PLACEHOLDER in part:
+                    raise invalid(
+                        f"message {m_index}: text contains the reserved placeholder {PLACEHOLDER!r}; "
+                        "send images as image parts instead"
+                    )
+                chars += len(part)
+    if len(images) > limits.max_images:
+        raise invalid(f"the request has {len(images)} images; the limit is {limits.max_images} images per request")
+    if chars > limits.max_text_chars:
+        raise invalid(f"the request has {chars} characters of text; the limit is {limits.max_text_chars}")
+    return images
+
+
+def llm_messages(turn: ChatTurn, total_images: int) -> list[llm_pb2.Message]:
+    """The conversation with images replaced by `<image>` placeholders (see the module docstring)."""
+    result: list[llm_pb2.Message] = []
+    counter = 0
+    for message in turn.messages:
+        prefix: list[str] = []
+        texts: list[str] = []
+        for part in message.parts:
+            if isinstance(part, bytes):
+                counter += 1
+                prefix.append(f"{PLACEHOLDER}\n" if total_images == 1 else f"Image-{counter}: {PLACEHOLDER}\n")
+            else:
+                texts.append(part)
+        result.append(llm_pb2.Message(role=message.role, content="".join(prefix) + "".join(texts)))
+    return result
+
+
+def resolve_tiling(
+    requested: common_pb2.TilingOptions,
+    defaults: TilingChoice,
+    max_tiles_limit: int,
+) -> TilingChoice:
+    """The request's options over the defaults, validated (max_tiles 1..limit, 1 <= min <= max)."""
+    max_tiles = requested.max_tiles if requested.HasField("max_tiles") else defaults.max_tiles
+    if not 1 <= max_tiles <= max_tiles_limit:
+        raise invalid(f"max_tiles is {max_tiles}; it must be between 1 and {max_tiles_limit}")
+    min_tiles = requested.min_tiles if requested.HasField("min_tiles") else min(defaults.min_tiles, max_tiles)
+    if not 1 <= min_tiles <= max_tiles:
+        raise invalid(f"min_tiles is {min_tiles}; it must be between 1 and max_tiles ({max_tiles})")
+    thumb = requested.use_thumbnail if requested.HasField("use_thumbnail") else defaults.use_thumbnail
+    return TilingChoice(max_tiles, min_tiles, thumb)
+
+
+def budget(tiling: TilingChoice, images_in_message: int) -> TilingChoice:
+    """The reference demo's split of the tile budget over the images of one message."""
+    per_image = max(1, tiling.max_tiles // max(1, images_in_message))
+    return TilingChoice(per_image, min(tiling.min_tiles, per_image), tiling.use_thumbnail)
+
+
+def tiling_per_image(
+    images: list[ChatImage], tiling: TilingChoice, remembered: list[TilingChoice | None], latest: int
+) -> list[TilingChoice]:
+    """The tiling of each image: budget rule for message `latest`, remembered settings before it."""
+    per_message: dict[int, int] = {}
+    for image in images:
+        per_message[image.message_index] = per_message.get(image.message_index, 0) + 1
+    choices: list[TilingChoice] = []
+    for image, memory in zip(images, remembered, strict=True):
+        if image.message_index != latest and memory is not None:
+            choices.append(memory)
+        else:
+            choices.append(budget(tiling, per_message[image.message_index]))
+    return choices
+
+
+def check_context(image_tokens: int, context_length: int) -> None:
+    if context_length and image_tokens >= context_length:
+        raise ServingError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"the images of this request need {image_tokens} tokens; the model's context is "
+            f"{context_length} tokens: send fewer images or lower max_tiles",
+        )

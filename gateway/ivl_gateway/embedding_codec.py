@@ -1,0 +1,126 @@
+"""Cache keys and the binary value format of cached image embeddings (no pickle).
+
+Value = header + raw embedding bytes:
+
+    magic "IVLE" | version u8 | dtype code u8 | ndim u8 | reserved u8 | key digest 16 bytes |
+    crc32 of the payload u32 | payload length u64 | shape ndim x u64 | plan 12 x i32 | payload
+
+The key digest binds a value to the key it was stored under, the crc32 and the length catch truncated
+or corrupted bytes; any mismatch makes `decode_entry` raise CorruptEntry and the caller treats the
+entry as a miss (and deletes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ivl_proto.common.v1 import common_pb2
+
+MAGIC = b"IVLE"
+VERSION = 1
+_DTYPES = {"float32": (1, 4), "float16": (2, 2), "bfloat16": (3, 2)}
+_DTYPE_NAMES = {code: name for name, (code, _) in _DTYPES.items()}
+_FIXED = struct.Struct("<4sBBBB16sIQ")
+_PLAN = struct.Struct("<12i")
+_PLAN_FIELDS = (
+    "grid_cols", "grid_rows", "num_tiles", "resize_width", "resize_height", "original_width",
+    "original_height", "has_thumbnail", "num_tokens", "max_tiles", "min_tiles", "use_thumbnail",
+)
+
+
+class CorruptEntry(ValueError):
+    """A cached value that cannot be trusted (wrong magic/version/key/length/checksum)."""
+
+
+@dataclass(frozen=True)
+class TilingChoice:
+    """The effective tiling options an image is encoded with (part of its cache key)."""
+
+    max_tiles: int
+    min_tiles: int
+    use_thumbnail: bool
+
+    def to_pb(self) -> common_pb2.TilingOptions:
+        return common_pb2.TilingOptions(
+            max_tiles=self.max_tiles, min_tiles=self.min_tiles, use_thumbnail=self.use_thumbnail
+        )
+
+    def tag(self) -> str:
+        return f"t{self.max_tiles}-{self.min_tiles}-{int(self.use_thumbnail)}"
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image's embedding as raw bytes (never decoded in the gateway) plus its tiling plan."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+    plan: common_pb2.ImagePlan
+
+    def to_tensor_pb(self) -> common_pb2.Tensor:
+        return common_pb2.Tensor(dtype=self.dtype, shape=list(self.shape), data=self.data)
+
+
+def image_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_key(namespace: str, fingerprint: str, digest: str, tiling: TilingChoice) -> str:
+    """`<namespace>:<vision fingerprint>:<sha256 of the image bytes>:<tiling tag>`."""
+    return f"{namespace}:{fingerprint}:{digest}:{tiling.tag()}"
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()[:16]
+
+
+def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
+    if embedding.dtype not in _DTYPES:
+        raise ValueError(f"embedding dtype {embedding.dtype!r} cannot be cached")
+    code, _ = _DTYPES[embedding.dtype]
+    header = _FIXED.pack(
+        MAGIC, VERSION, code, len(embedding.shape), 0, _key_digest(key),
+        zlib.crc32(embedding.data), len(embedding.data),
+    )
+    shape = struct.pack(f"<{len(embedding.shape)}Q", *embedding.shape)
+    plan = _PLAN.pack(*(int(getattr(embedding.plan, name)) for name in _PLAN_FIELDS))
+    return b"".join((header, shape, plan, embedding.data))
+
+
+def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> ImageEmbedding:
+    """Parse and verify a cached value; CorruptEntry when anything does not match."""
+    if len(value) < _FIXED.size:
+        raise CorruptEntry(f"entry is {len(value)} bytes, shorter than its header")
+    magic, version, code, ndim, _, digest, crc, length = _FIXED.unpack_from(value, 0)
+    if magic != MAGIC or version != VERSION:
+        raise CorruptEntry(f"unknown magic/version {magic!r}/{version}")
+    if digest != _key_digest(key):
+        raise CorruptEntry("entry was stored under another key")
+    if code not in _DTYPE_NAMES or not 1 <= ndim <= 4:
+        raise CorruptEntry(f"bad dtype code {code} or ndim {ndim}")
+    offset = _FIXED.size
+    shape = struct.unpack_from(f"<{ndim}Q", value, offset)
+    offset += 8 * ndim
+    plan_values = _PLAN.unpack_from(value, offset)
+    offset += _PLAN.size
+    payload = value[offset:]
+    dtype = _DTYPE_NAMES[code]
+    itemsize = _DTYPES[dtype][1]
+    count = 1
+    for dim in shape:
+        count *= dim
+    if len(payload) != length or count * itemsize != length:
+        raise CorruptEntry(f"payload is {len(payload)} bytes; header says {length}, shape {list(shape)}")
+    if zlib.crc32(payload) != crc:
+        raise CorruptEntry("payload checksum mismatch")
+    if expected_hidden is not None and shape[-1] != expected_hidden:
+        raise CorruptEntry(f"hidden size {shape[-1]} != expected {expected_hidden}")
+    plan = common_pb2.ImagePlan(
+        **{name: (bool(v) if name in ("has_thumbnail", "use_thumbnail") else v)
+           for name, v in zip(_PLAN_FIELDS, plan_values, strict=True)}
+    )
+    return ImageEmbedding(dtype=dtype, shape=tuple(shape), data=payload, plan=plan)

@@ -1,0 +1,117 @@
+"""The gRPC API (ivl.gateway.v1.Chat): proto <-> ChatTurn, auth, request size; the work is in chat.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from ivl_proto.grpc_runtime import map_errors
+
+from ivl_gateway.auth import ApiKeys
+from ivl_gateway.chat import ChatService
+from ivl_gateway.conversation import ChatMessage, ChatTurn, resolve_tiling
+from ivl_gateway.embedding_codec import TilingChoice
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
+
+
+def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
+    messages: list[ChatMessage] = []
+    for message in request.messages:
+        parts: list[str | bytes] = []
+        for part in message.content:
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append(part.text)
+            elif kind == "image":
+                parts.append(bytes(part.image.data))
+        messages.append(ChatMessage(role=message.role, parts=parts))
+    return ChatTurn(messages=messages, sampling=request.sampling, tiling=request.tiling, request_id=request.request_id)
+
+
+def is_tiny_random(*model_ids: str) -> bool:
+    return any("tiny" in model_id.lower() for model_id in model_ids if model_id)
+
+
+class ChatServicer(gateway_pb2_grpc.ChatServicer):
+    def __init__(self, service: ChatService, keys: ApiKeys) -> None:
+        self._service = service
+        self._keys = keys
+        self._max_bytes = service.settings.max_request_bytes
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._keys.enabled:
+            return
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+        key = ApiKeys.from_authorization(metadata.get("authorization")) or metadata.get("x-api-key")
+        self._keys.check(key if isinstance(key, str) else None)
+
+    def _check_size(self, request: gateway_pb2.ChatRequest | gateway_pb2.PlanImagesRequest) -> None:
+        size = request.ByteSize()
+        if size > self._max_bytes:
+            raise ServingError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the request is {size / 2**20:.1f} MiB; the limit is {self._max_bytes / 2**20:.1f} MiB",
+            )
+
+    @map_errors
+    async def Chat(
+        self, request: gateway_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        self._authorize(context)
+        self._check_size(request)
+        stream = self._service.chat(turn_from_pb(request), api="grpc")
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    @map_errors
+    async def PlanImages(
+        self, request: gateway_pb2.PlanImagesRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PlanImagesResponse:
+        self._authorize(context)
+        self._check_size(request)
+        if not request.images:
+            raise invalid("images is empty: send at least one image")
+        if len(request.images) > self._service.settings.max_images_per_request:
+            raise invalid(
+                f"the request has {len(request.images)} images; the limit is "
+                f"{self._service.settings.max_images_per_request} images per request"
+            )
+        defaults, limit = await self._service.default_tiling()
+        tiling = resolve_tiling(request.tiling, defaults, limit)
+        plans = await self._service.vision.plan([(bytes(i.data), tiling) for i in request.images])
+        info = await self._service.vision.info()
+        return gateway_pb2.PlanImagesResponse(plans=plans, tokens_per_tile=info.tokens_per_tile)
+
+    @map_errors
+    async def Info(
+        self, request: gateway_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.InfoResponse:
+        self._authorize(context)
+        return await gateway_info(self._service)
+
+
+async def gateway_info(service: ChatService) -> gateway_pb2.InfoResponse:
+    llm = await service.llm.info()
+    vision = await service.vision.info()
+    defaults, limit = await service.default_tiling()
+    return gateway_pb2.InfoResponse(
+        model_id=service.settings.model_name or llm.model_id,
+        vision_model_id=vision.model_id,
+        vision_fingerprint=vision.fingerprint,
+        template=llm.template,
+        context_length=llm.context_length,
+        hidden_size=llm.hidden_size,
+        default_tiling=TilingChoice.to_pb(defaults),
+        max_tiles_limit=limit,
+        tiny_random_model=(
+            service.settings.tiny_random_model
+            if service.settings.tiny_random_model is not None
+            else is_tiny_random(llm.model_id, vision.model_id)
+        ),
+    )

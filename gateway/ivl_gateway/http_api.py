@@ -1,0 +1,238 @@
+"""The HTTP API: OpenAI-compatible /v1/chat/completions and /v1/models, /health, /ready, /metrics.
+
+`build_app(settings, chat_service)` returns a FastAPI app with no globals. Errors are OpenAI-shaped
+bodies {"error": {"message", "type", "code"}} with the HTTP status of ivl_proto.errors' table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.gateway.v1 import gateway_pb2
+
+from ivl_gateway.auth import ApiKeys
+from ivl_gateway.chat import ChatService
+from ivl_gateway.conversation import ChatMessage, ChatTurn
+from ivl_gateway.image_fetch import ImageFetcher
+from ivl_gateway.openai_schema import (
+    FINISH_REASONS,
+    ROLES,
+    ChatCompletionRequest,
+    chunk_body,
+    completion_body,
+    error_body,
+    new_completion_id,
+    parse_request,
+    usage_body,
+)
+from ivl_gateway.settings import GatewaySettings
+
+_DISCONNECT_POLL_S = 0.2
+
+
+def _error_response(error: ServingError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.http_status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(total, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> ServingError:
+    return ServingError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"the request body is at least {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.1f} MiB "
+        "(max_request_bytes)",
+    )
+
+
+async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher) -> ChatTurn:
+    messages: list[ChatMessage] = []
+    for index, message in enumerate(body.messages):
+        parts: list[str | bytes] = []
+        content = message.content
+        if isinstance(content, str):
+            parts.append(content)
+        elif content is not None:
+            for part in content:
+                if part.type == "text":
+                    parts.append(part.text or "")
+                elif part.image_url is None:
+                    raise invalid(f"messages[{index}]: an image_url part needs an 'image_url': {{'url': ...}}")
+                else:
+                    parts.append(await fetcher.load(part.image_url.url))
+        messages.append(ChatMessage(role=ROLES[message.role], parts=parts))
+    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=new_completion_id())
+
+
+def _image_info(event: gateway_pb2.ImageInfo) -> dict[str, Any]:
+    return MessageToDict(event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _final_extra(final: gateway_pb2.Final, images: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "images": images,
+        "cache_hits": final.cache_hits,
+        "vision_s": final.vision_s,
+        "time_to_first_token_s": final.usage.time_to_first_token_s,
+        "decode_tokens_per_s": final.usage.decode_tokens_per_s,
+        "total_s": final.usage.total_s,
+    }
+
+
+def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
+    app = FastAPI(title="InternVL gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
+    keys = ApiKeys(settings.api_keys)
+    fetcher = ImageFetcher(settings)
+    metrics = chat_service.metrics
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
+        return _error_response(error)
+
+    def authorize(request: Request) -> None:
+        keys.check(ApiKeys.from_authorization(request.headers.get("authorization")))
+
+    async def model_name() -> str:
+        if settings.model_name:
+            return settings.model_name
+        return (await chat_service.llm.info()).model_id
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        state = await chat_service.readiness()
+        return JSONResponse({"ready": state.ready, **state.detail}, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        name = await model_name()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ivl"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        raw = await _read_body(request, settings.max_request_bytes)
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise invalid(f"the request body is not valid JSON: {error}") from None
+        body = parse_request(payload)
+        turn = await _turn_from_openai(body, fetcher)
+        name = body.model or await model_name()
+        if body.stream:
+            return await _stream(turn, name, body)
+        return await _complete(request, turn, name)
+
+    async def _complete(request: Request, turn: ChatTurn, name: str) -> JSONResponse:
+        async def collect() -> tuple[str, gateway_pb2.Final, list[dict[str, Any]]]:
+            texts: list[str] = []
+            images: list[dict[str, Any]] = []
+            final = gateway_pb2.Final()
+            stream = chat_service.chat(turn, api="http")
+            try:
+                async for event in stream:
+                    kind = event.WhichOneof("event")
+                    if kind == "delta":
+                        texts.append(event.delta)
+                    elif kind == "image":
+                        images.append(_image_info(event.image))
+                    elif kind == "final":
+                        final = event.final
+            finally:
+                await stream.aclose()
+            return "".join(texts), final, images
+
+        task = asyncio.create_task(collect())
+        while not task.done():  # a client that goes away cancels the work (and the LLM's generation)
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return JSONResponse(error_body(ServingError(ErrorCode.CANCELLED, "client went away")), 499)
+        text, final, images = task.result()
+        return JSONResponse(
+            completion_body(turn.request_id, name, text, FINISH_REASONS[final.finish_reason], final.usage,
+                            _final_extra(final, images))
+        )
+
+    async def _stream(turn: ChatTurn, name: str, body: ChatCompletionRequest) -> Response:
+        stream = chat_service.chat(turn, api="http")
+        buffered: list[gateway_pb2.ChatResponse] = []
+        try:  # run up to the first text (or the end) so that early errors get a real HTTP status
+            async for event in stream:
+                buffered.append(event)
+                if event.WhichOneof("event") != "image":
+                    break
+        except BaseException:
+            await stream.aclose()
+            raise
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            images: list[dict[str, Any]] = []
+            cid = turn.request_id
+            try:
+                yield _sse(chunk_body(cid, name, {"role": "assistant", "content": ""}, None))
+                async for event in _chain(buffered, stream):
+                    kind = event.WhichOneof("event")
+                    if kind == "image":
+                        images.append(_image_info(event.image))
+                    elif kind == "delta":
+                        yield _sse(chunk_body(cid, name, {"content": event.delta}, None))
+                    elif kind == "final":
+                        final = event.final
+                        extra = _final_extra(final, images)
+                        yield _sse(chunk_body(cid, name, {}, FINISH_REASONS[final.finish_reason], extra=extra))
+                        if include_usage:
+                            yield _sse(chunk_body(cid, name, None, None, usage=usage_body(final.usage)))
+            except ServingError as error:
+                yield _sse(error_body(error))
+            finally:
+                await stream.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+async def _chain(
+    first: list[gateway_pb2.ChatResponse], rest: AsyncIterator[gateway_pb2.ChatResponse]
+) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    for event in first:
+        yield event
+    async for event in rest:
+        yield event
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

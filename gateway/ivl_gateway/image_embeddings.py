@@ -1,0 +1,186 @@
+"""Embeddings for the images of one request: cache, single flight, limits, one EncodeImages for the misses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ErrorCode, ServingError
+
+from ivl_gateway.cache import EmbeddingCache
+from ivl_gateway.conversation import ChatImage, check_context, tiling_per_image
+from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice, image_digest
+from ivl_gateway.metrics import GatewayMetrics
+from ivl_gateway.settings import GatewaySettings
+from ivl_gateway.singleflight import SingleFlight
+from ivl_gateway.vision_client import VisionClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    image: ChatImage
+    embedding: ImageEmbedding
+    cache_hit: bool
+    encode_s: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    data: bytes
+    tiling: TilingChoice
+    digest: str
+    image: ChatImage
+
+
+class EmbeddingResolver:
+    """Resolves each image to its embedding: Redis first, then one EncodeImages call for the misses.
+
+    Misses already being encoded for another request are awaited, not encoded again (single flight).
+    The encode runs as a task of its own, so a client that goes away mid-encode does not waste it: the
+    result still lands in the cache and in the other waiters' hands.
+    """
+
+    def __init__(
+        self, settings: GatewaySettings, cache: EmbeddingCache, vision: VisionClient, metrics: GatewayMetrics
+    ) -> None:
+        self._settings = settings
+        self._cache = cache
+        self._vision = vision
+        self._metrics = metrics
+        self._flight: SingleFlight[str, tuple[ImageEmbedding, float]] = SingleFlight()
+        self._background: set[asyncio.Task[dict[str, tuple[ImageEmbedding, float]]]] = set()
+
+    async def resolve(
+        self,
+        images: list[ChatImage],
+        tiling: TilingChoice,
+        latest_message: int,
+        fingerprint: str,
+        hidden_size: int,
+        context_length: int,
+    ) -> list[ResolvedImage]:
+        digests = [image_digest(image.data) for image in images]
+        remembered = await self._cache.remembered_tiling(fingerprint, digests)
+        choices = tiling_per_image(images, tiling, remembered, latest_message)
+        keys = [self._cache.key(fingerprint, d, t) for d, t in zip(digests, choices, strict=True)]
+        jobs: dict[str, _Job] = {}
+        for key, image, choice, digest in zip(keys, images, choices, digests, strict=True):
+            jobs.setdefault(key, _Job(key, image.data, choice, digest, image))
+        unique = list(jobs)
+        cached = dict(zip(unique, await self._cache.get_many(unique, hidden_size), strict=True))
+        misses = [k for k in unique if cached[k] is None]
+        plans = {k: hit.plan for k, hit in cached.items() if hit is not None}
+        plans.update(await self._plan([jobs[k] for k in misses]))
+        self._check_limits(images, keys, plans, context_length)
+
+        owned, waiting = self._flight.claim(misses)
+        results: dict[str, tuple[ImageEmbedding, float]] = {}
+        if owned:
+            task = asyncio.create_task(self._encode_owned([jobs[k] for k in owned], fingerprint, hidden_size))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            results.update(await asyncio.shield(task))
+        for key, future in waiting.items():
+            self._metrics.singleflight_waits.inc()
+            results[key] = await asyncio.shield(future)
+        await self._cache.remember_tiling(
+            fingerprint,
+            [(jobs[k].digest, jobs[k].tiling) for k, img in zip(keys, images, strict=True)
+             if img.message_index == latest_message],
+        )
+
+        resolved: list[ResolvedImage] = []
+        for image, key in zip(images, keys, strict=True):
+            hit = cached[key]
+            if hit is not None:
+                self._metrics.cache_hits.inc()
+                resolved.append(ResolvedImage(image, hit, True, 0.0))
+            else:
+                self._metrics.cache_misses.inc()
+                embedding, seconds = results[key]
+                resolved.append(ResolvedImage(image, embedding, False, seconds))
+            self._metrics.tiles_per_image.observe(resolved[-1].embedding.plan.num_tiles)
+        return resolved
+
+    async def _plan(self, jobs: list[_Job]) -> dict[str, common_pb2.ImagePlan]:
+        """Tiling plans of the misses (image headers only), naming the request's image on bad input."""
+        if not jobs:
+            return {}
+        try:
+            plans = await self._vision.plan([(job.data, job.tiling) for job in jobs])
+        except ServingError as error:
+            if error.code is not ErrorCode.INVALID_ARGUMENT:
+                raise
+            for job in jobs:  # find which image it was: cheap, header-only calls
+                try:
+                    await self._vision.plan([(job.data, job.tiling)])
+                except ServingError as single:
+                    raise ServingError(
+                        single.code,
+                        f"image {job.image.image_index} (message {job.image.message_index}): {single.message}",
+                    ) from None
+            raise
+        return {job.key: plan for job, plan in zip(jobs, plans, strict=True)}
+
+    def _check_limits(
+        self, images: list[ChatImage], keys: list[str], plans: dict[str, common_pb2.ImagePlan], context_length: int
+    ) -> None:
+        limits = self._settings
+        tiles = 0
+        tokens = 0
+        for image, key in zip(images, keys, strict=True):
+            plan = plans[key]
+            pixels = plan.original_width * plan.original_height
+            if pixels > limits.max_image_pixels:
+                raise ServingError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"image {image.image_index} is {plan.original_width}x{plan.original_height} = "
+                    f"{pixels / 1e6:.1f} MP; the limit is {limits.max_image_pixels / 1e6:.1f} MP per image",
+                )
+            tiles += plan.num_tiles
+            tokens += plan.num_tokens
+        if tiles > limits.max_tiles_per_request:
+            raise ServingError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the images of this request need {tiles} tiles; the limit is {limits.max_tiles_per_request} "
+                "tiles per request: send fewer images or lower max_tiles",
+            )
+        check_context(tokens, context_length)
+
+    async def _encode_owned(
+        self, jobs: list[_Job], fingerprint: str, hidden_size: int
+    ) -> dict[str, tuple[ImageEmbedding, float]]:
+        try:
+            encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs])
+        except BaseException as error:
+            for job in jobs:
+                self._flight.fail(job.key, error)
+            raise
+        results: dict[str, tuple[ImageEmbedding, float]] = {}
+        for job, embedding in zip(jobs, encoded.embeddings, strict=True):
+            if embedding.shape[-1] != hidden_size:
+                error = ServingError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"the vision service returned embeddings of width {embedding.shape[-1]}; "
+                    f"the LLM's hidden size is {hidden_size}: they are not the same model",
+                )
+                for j in jobs:
+                    self._flight.fail(j.key, error)
+                raise error
+            results[job.key] = (embedding, encoded.seconds)
+        if encoded.fingerprint and encoded.fingerprint != fingerprint:
+            log.warning("vision replica %s has fingerprint %s, expected %s; caching under its own",
+                        encoded.replica, encoded.fingerprint, fingerprint)
+            self._vision.forget_info()
+        store_fp = encoded.fingerprint or fingerprint
+        await self._cache.put_many(
+            [(self._cache.key(store_fp, job.digest, job.tiling), results[job.key][0]) for job in jobs]
+        )
+        for job in jobs:
+            self._flight.resolve(job.key, results[job.key])
+        return results

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TILE_BUCKETS = (1, 2, 3, 5, 7, 9, 13, 17, 25, 33, 41)
+_RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class GatewayMetrics:
+    """All the gateway's metrics. `render()` gives the Prometheus text exposition."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Chat requests by API and outcome", ["api", "outcome"], registry=r
+        )
+        self.request_latency = Histogram(
+            "gateway_request_seconds", "Whole chat request time", ["api"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Request start to first text delta",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens_per_s = Histogram(
+            "gateway_decode_tokens_per_second", "LLM decode speed per request", buckets=_RATE_BUCKETS, registry=r
+        )
+        self.completion_tokens = Counter("gateway_completion_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens", registry=r)
+        self.cache_hits = Counter("vision_cache_hits", "Images found in the embedding cache", registry=r)
+        self.cache_misses = Counter("vision_cache_misses", "Images not in the embedding cache", registry=r)
+        self.cache_errors = Counter(
+            "vision_cache_errors", "Cache operations that failed (Redis down/slow, corrupt entries)",
+            ["kind"], registry=r,
+        )
+        self.singleflight_waits = Counter(
+            "vision_cache_singleflight_waits", "Images that waited for another request's encode", registry=r
+        )
+        self.encode_latency = Histogram(
+            "vision_encode_seconds", "EncodeImages call time (all misses of a request)",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.encoded_images = Counter(
+            "vision_encoded_images", "Images encoded by the vision service, per replica", ["replica"], registry=r
+        )
+        self.tiles_per_image = Histogram(
+            "vision_tiles_per_image", "Tiles per image (thumbnail included)", buckets=_TILE_BUCKETS, registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

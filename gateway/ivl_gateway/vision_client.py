@@ -1,0 +1,98 @@
+"""Client of the vision encoder replicas (ivl.vision.v1): Info, PlanImages, EncodeImages."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
+
+from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice
+from ivl_gateway.metrics import GatewayMetrics
+from ivl_gateway.replicas import Replica, ReplicaPool, call_unary
+from ivl_gateway.settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    embeddings: list[ImageEmbedding]
+    fingerprint: str
+    replica: str
+    seconds: float
+
+
+class VisionClient:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.pool = ReplicaPool(
+            "vision",
+            settings.vision_addresses,
+            vision_pb2_grpc.VisionEncoderStub,
+            health_interval_s=settings.health_interval_s,
+            backoff_s=settings.replica_backoff_s,
+            dns_refresh_s=settings.dns_refresh_s,
+            max_message_bytes=settings.max_message_bytes,
+            on_change=self._refresh_replica_info,
+        )
+        self._info: vision_pb2.InfoResponse | None = None
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def _refresh_replica_info(self, replica: Replica) -> None:
+        replica.info = await replica.stub.Info(vision_pb2.InfoRequest(), timeout=self._settings.info_timeout_s)
+        self._info = replica.info
+
+    async def info(self, refresh: bool = False) -> vision_pb2.InfoResponse:
+        """The vision model's Info (fingerprint, hidden size, defaults), fetched once and on recovery."""
+        if self._info is None or refresh:
+            response, replica = await call_unary(
+                self.pool, "Info", vision_pb2.InfoRequest(), self._settings.info_timeout_s
+            )
+            replica.info = response
+            self._info = response
+        return self._info
+
+    def forget_info(self) -> None:
+        """Fetch Info again next time (e.g. a replica answered with another fingerprint)."""
+        self._info = None
+
+    async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:
+        request = vision_pb2.PlanImagesRequest(
+            images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images]
+        )
+        response, _ = await call_unary(self.pool, "PlanImages", request, self._settings.info_timeout_s * 4)
+        return list(response.plans)
+
+    async def encode(self, images: list[tuple[bytes, TilingChoice]]) -> EncodeResult:
+        """All of a request's misses in one EncodeImages call."""
+        request = vision_pb2.EncodeImagesRequest(
+            images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images]
+        )
+        start = time.perf_counter()
+        response, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)
+        seconds = time.perf_counter() - start
+        if len(response.images) != len(images):
+            raise ServingError(
+                ErrorCode.INTERNAL,
+                f"the vision service returned {len(response.images)} embeddings for {len(images)} images",
+            )
+        self._metrics.encode_latency.observe(seconds)
+        self._metrics.encoded_images.labels(replica=replica.address).inc(len(images))
+        embeddings = [
+            ImageEmbedding(
+                dtype=item.embedding.dtype,
+                shape=tuple(int(d) for d in item.embedding.shape),
+                data=item.embedding.data,
+                plan=item.plan,
+            )
+            for item in response.images
+        ]
+        fingerprint = response.fingerprint or (replica.info.fingerprint if replica.info else "")
+        return EncodeResult(embeddings, fingerprint, replica.address, seconds)
