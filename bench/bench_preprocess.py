@@ -1,0 +1,269 @@
+"""Image preprocessing speed: ours vs the reference-style pipeline vs transformers' GotOcr2 vs the floor.
+
+Every method starts from the encoded bytes and ends with normalised float32 tiles:
+- ours:      ivl_vision.preprocess.Preprocessor.preprocess (decode, one resize, LUT gather);
+- reference: Image.open(...).convert('RGB') + tests/vision/reference_tiling.py (PIL resize, PIL crop
+             per tile, torch ToTensor + Normalize, torch.stack), i.e. the InternVL model-card code;
+- GotOcr2:   transformers' GotOcr2 image processor, PIL backend (the torchvision one cannot import
+             here), crop_to_patches=True, ImageNet mean/std, max_patches = max tiles;
+- floor:     decode (+ convert to RGB only if needed) + the one grid resize alone: the least any
+             exact method must do (it leaves out the thumbnail resize and the normalisation).
+Images (synthetic, fixed seeds): a photo-like 3840x2160 JPEG, a screenshot-like 1920x1080 PNG and a
+tall 1700x8000 scan PNG; max_tiles 6, 12 and 40. torch runs on 1 thread (like our numpy path). Methods take turns; the
+table gives images/s per core from thread CPU time (robust on a shared machine) and the wall ratio.
+`--threads` also measures ours on the Preprocessor's thread pool (2 workers) vs one thread.
+
+    .venv/bin/python bench/bench_preprocess.py              # ~2-3 min, appends to bench/RESULTS.md
+    .venv/bin/python bench/bench_preprocess.py --threads    # plus the thread-pool throughput
+    .venv/bin/python bench/bench_preprocess.py --quick --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import transformers
+from ivl_vision.image_io import ImageLimits
+from ivl_vision.preprocess import Preprocessor
+from ivl_vision.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, plan_tiles
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vision"))
+from reference_tiling import reference_pixels
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADING = "## Image preprocessing: ours vs reference vs GotOcr2 (bench/bench_preprocess.py)"
+
+
+def photo_jpeg(width: int = 3840, height: int = 2160) -> bytes:
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([90 + 60 * y / height, 140 + 40 * y / height, 220 - 80 * y / height], axis=-1)
+    hills = (np.sin(x / 300.0) * 120 + height * 0.6 < y)[..., None] * np.array([-40, 10, -120], np.float32)
+    noise = rng.normal(0, 12, (height, width, 3)).astype(np.float32)
+    image = Image.fromarray(np.clip(sky + hills + noise, 0, 255).astype(np.uint8), "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _text_lines(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[int, int, int, int]) -> None:
+    left, top, right, bottom = box
+    for line_top in range(top, bottom - 14, 22):
+        x = left
+        while x < right - 40:
+            word = int(rng.integers(12, 70))
+            draw.rectangle((x, line_top, x + word, line_top + 11), fill=(20, 20, 20))
+            x += word + 8
+
+
+def screenshot_png(width: int = 1920, height: int = 1080) -> bytes:
+    rng = np.random.default_rng(2)
+    image = Image.new("RGB", (width, height), (245, 246, 248))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width, 56), fill=(36, 41, 47))
+    draw.rectangle((0, 56, 280, height), fill=(230, 232, 236))
+    for i in range(8):
+        draw.rounded_rectangle((330 + i * 190, 90, 500 + i * 190, 130), 8, fill=(9, 105, 218))
+    _text_lines(draw, rng, (330, 170, width - 60, height - 40))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def scan_png(width: int = 1700, height: int = 8000) -> bytes:
+    rng = np.random.default_rng(3)
+    image = Image.new("RGB", (width, height), (252, 251, 247))
+    _text_lines(ImageDraw.Draw(image), rng, (120, 150, width - 120, height - 150))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def interleaved(
+    runs: dict[str, Callable[[], object]], min_time: float, min_runs: int
+) -> dict[str, tuple[float, float]]:
+    """{method: (median thread-CPU seconds, median wall seconds)} per call.
+
+    The methods take turns (one call each per round) so that load from other processes on a shared
+    machine hits them alike; thread CPU time (all methods run in the calling thread: torch has one
+    thread) measures the work itself, wall time what a caller waits.
+    """
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    started = time.perf_counter()
+    while len(cpu["ours"]) < min_runs or time.perf_counter() - started < min_time * len(runs):
+        for name, run in runs.items():
+            begin_cpu, begin_wall = time.thread_time(), time.perf_counter()
+            run()
+            cpu[name].append(time.thread_time() - begin_cpu)
+            wall[name].append(time.perf_counter() - begin_wall)
+    return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in runs}
+
+
+def methods(data: bytes, max_tiles: int, preprocessor: Preprocessor) -> dict[str, Callable[[], object]]:
+    config = TilingConfig(max_tiles=max_tiles)
+    got_ocr2 = transformers.GotOcr2ImageProcessorPil(
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+        size={"height": 448, "width": 448},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+
+    def decoded() -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def floor() -> object:
+        image = Image.open(io.BytesIO(data))
+        image = image if image.mode == "RGB" else image.convert("RGB")  # no copy for RGB
+        plan = plan_tiles(image.width, image.height, config)
+        return image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
+
+    return {
+        "ours": lambda: preprocessor.preprocess(data, config).pixels,
+        "reference": lambda: reference_pixels(decoded(), 1, max_tiles).numpy(),
+        "GotOcr2": lambda: got_ocr2(images=decoded(), return_tensors="np")["pixel_values"],
+        "floor": floor,
+    }
+
+
+def pool_throughput(data: bytes, config: TilingConfig, workers: int, count: int) -> float:
+    async def run() -> float:
+        with Preprocessor(ImageLimits(), max_workers=workers) as preprocessor:
+            await preprocessor.preprocess_async(data, config)  # warm-up
+            started = time.perf_counter()
+            await asyncio.gather(*(preprocessor.preprocess_async(data, config) for _ in range(count)))
+            return count / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+            "?",
+        )
+    except OSError:
+        model = platform.processor() or "?"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-tiles", type=lambda s: [int(x) for x in s.split(",")], default=[6, 12, 40])
+    parser.add_argument("--min-time", type=float, default=0.6, help="seconds per method and measurement")
+    parser.add_argument("--min-runs", type=int, default=3)
+    parser.add_argument("--threads", action="store_true", help="also measure ours on a 2-worker thread pool")
+    parser.add_argument("--quick", action="store_true", help="max_tiles 12 only, short measurements")
+    parser.add_argument("--no-append", action="store_true", help="print the table, do not touch RESULTS.md")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.quick:
+        args.max_tiles, args.min_time, args.min_runs = [12], 0.2, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    images = {
+        "photo 3840x2160 JPEG": photo_jpeg(),
+        "screenshot 1920x1080 PNG": screenshot_png(),
+        "scan 1700x8000 PNG": scan_png(),
+    }
+    rows = []
+    pool_rows = []
+    with Preprocessor(ImageLimits(), dtype="float32", max_workers=2) as preprocessor:
+        for name, data in images.items():
+            for max_tiles in args.max_tiles:
+                runs = methods(data, max_tiles, preprocessor)
+                ours, reference = runs["ours"](), runs["reference"]()
+                assert isinstance(ours, np.ndarray) and isinstance(reference, np.ndarray)
+                got = runs["GotOcr2"]()
+                got_diff = float(np.abs(got - ours).max()) if got.shape == ours.shape else float("nan")
+                seconds = interleaved(runs, args.min_time, args.min_runs)
+                rows.append(
+                    (name, max_tiles, ours.shape[0], seconds, bool(np.array_equal(ours, reference)), got_diff)
+                )
+                print(rows[-1], flush=True)
+            if args.threads:
+                config = TilingConfig(max_tiles=12)
+                one = pool_throughput(data, config, 1, 8)
+                two = pool_throughput(data, config, 2, 8)
+                pool_rows.append((name, one, two))
+                print(pool_rows[-1], flush=True)
+    load = [load_start, os.getloadavg()[0]]
+    table = report(rows, pool_rows, args, time.perf_counter() - started, load)
+    print(table)
+    if not args.no_append:
+        with RESULTS.open("a") as results:
+            results.write(table)
+        print(f"appended to {RESULTS}")
+    return 0
+
+
+def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float, load: list[float]) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "",
+        HEADING,
+        "",
+        f"- {now}; {machine()}; load average at start/end {load[0]:.1f}/{load[1]:.1f}; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, "
+        f"torch {torch.__version__} (1 thread), transformers {transformers.__version__}",
+        f"- command: `.venv/bin/python bench/bench_preprocess.py {' '.join(args.argv)}`".rstrip()
+        + f" ({elapsed:.0f} s)",
+        "- from encoded bytes to float32 tiles; methods interleaved, medians. images/s per core = 1 / thread CPU "
+        "seconds per image (robust to other load on a shared machine); `x ref` = reference time / ours time "
+        "(cpu and wall); `= ref`: ours np.array_equal the reference; `GotOcr2 diff`: max |GotOcr2 - ours| "
+        "(nan: different tile count)",
+        "",
+        "| image | max_tiles | tiles | ours | reference | GotOcr2 (PIL) | floor (decode+resize) | ours x ref (cpu) "
+        "| ours x ref (wall) | GotOcr2 x ref | = ref | GotOcr2 diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, max_tiles, tiles, s, equal, got_diff in rows:
+        cpu = {method: value[0] for method, value in s.items()}
+        lines.append(
+            f"| {name} | {max_tiles} | {tiles} | {1 / cpu['ours']:.2f} | {1 / cpu['reference']:.2f} | "
+            f"{1 / cpu['GotOcr2']:.2f} | {1 / cpu['floor']:.2f} | {cpu['reference'] / cpu['ours']:.2f} | "
+            f"{s['reference'][1] / s['ours'][1]:.2f} | {cpu['reference'] / cpu['GotOcr2']:.2f} | "
+            f"{'yes' if equal else 'NO'} | {got_diff:.2g} |"
+        )
+    if pool_rows:
+        lines += [
+            "",
+            "Thread pool (Preprocessor.preprocess_async, 8 images at max_tiles 12 in flight), wall images/s "
+            "(meaningful only on an otherwise idle machine with 2+ free cores):",
+            "",
+            "| image | 1 worker | 2 workers | speed-up |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {name} | {one:.2f} | {two:.2f} | {two / one:.2f} |" for name, one, two in pool_rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""InternVL dynamic high-resolution tiling, bit-exact with the reference `dynamic_preprocess`.
+
+Pure Python + numpy + PIL (no torch). `plan_tiles` picks the grid from the image size alone, so a
+client can learn the tile count from an image header; `tile_pixels` turns an RGB image into the
+normalised (num_tiles, 3, S, S) array the vision tower takes. See docs/tiling.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import numpy as np
+from ivl_proto.errors import invalid
+from PIL import Image
+
+MAX_TILES_LIMIT = 40
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Tile budget of one image; validated on construction (ServingError INVALID_ARGUMENT)."""
+
+    image_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.image_size <= 4096:
+            raise invalid(f"image_size is {self.image_size}; it must be between 1 and 4096")
+        if not 1 <= self.max_tiles <= MAX_TILES_LIMIT:
+            raise invalid(f"max_tiles is {self.max_tiles}; it must be between 1 and {MAX_TILES_LIMIT}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise invalid(
+                f"min_tiles is {self.min_tiles}; it must be between 1 and max_tiles ({self.max_tiles})"
+            )
+
+    def with_overrides(
+        self, max_tiles: int | None, min_tiles: int | None, use_thumbnail: bool | None
+    ) -> TilingConfig:
+        """A copy with the given fields replaced; None keeps the current value."""
+        return replace(
+            self,
+            max_tiles=self.max_tiles if max_tiles is None else max_tiles,
+            min_tiles=self.min_tiles if min_tiles is None else min_tiles,
+            use_thumbnail=self.use_thumbnail if use_thumbnail is None else use_thumbnail,
+        )
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The chosen grid: cols x rows tiles of the resized image, plus the thumbnail if any."""
+
+    grid_cols: int
+    grid_rows: int
+    num_tiles: int  # grid tiles + thumbnail
+    resize_width: int
+    resize_height: int
+    has_thumbnail: bool
+    original_width: int
+    original_height: int
+
+    @property
+    def grid_tiles(self) -> int:
+        return self.grid_cols * self.grid_rows
+
+    def to_json_dict(self) -> dict:
+        return {
+            "grid": [self.grid_cols, self.grid_rows],
+            "num_tiles": self.num_tiles,
+            "resize": [self.resize_width, self.resize_height],
+        }
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) candidates in the reference's order.
+
+    The reference builds a Python set with this very comprehension and sorts it by cols*rows with
+    the stable `sorted`, so grids of equal area keep the set's iteration order. That order decides
+    ties between equal-area grids (e.g. min=max=4, a 5x2 image), so we build the set the same way.
+    Int-tuple hashes are not randomised, so the order is deterministic for a given CPython.
+    """
+    grids = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
+def _closest_grid(width: int, height: int, config: TilingConfig) -> tuple[int, int]:
+    aspect = width / height  # Python floats (float64), as the reference: some ties hinge on rounding
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(config.min_tiles, config.max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * config.image_size * config.image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def plan_tiles(width: int, height: int, config: TilingConfig) -> TilePlan:
+    """The reference's grid choice for a width x height image (after EXIF orientation)."""
+    if width < 1 or height < 1:
+        raise invalid(f"image is {width}x{height}; both sides must be at least 1 pixel")
+    cols, rows = _closest_grid(width, height, config)
+    has_thumbnail = config.use_thumbnail and cols * rows != 1
+    return TilePlan(
+        grid_cols=cols,
+        grid_rows=rows,
+        num_tiles=cols * rows + int(has_thumbnail),
+        resize_width=config.image_size * cols,
+        resize_height=config.image_size * rows,
+        has_thumbnail=has_thumbnail,
+        original_width=width,
+        original_height=height,
+    )
+
+
+def _float32_lut() -> np.ndarray:
+    """(3, 256) float32: ((v / 255) - mean) / std with float32 ops, as ToTensor + Normalize do."""
+    values = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None]
+    return (values[None, :] - mean) / std
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) with round-to-nearest-even, like torch's float -> bfloat16."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    rounded = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():  # keep NaN a (quiet) NaN instead of rounding it into an infinity
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+_LUT_FLOAT32 = _float32_lut()
+_LUTS: dict[str, np.ndarray] = {
+    "float32": _LUT_FLOAT32,
+    "float16": _LUT_FLOAT32.astype(np.float16),
+    "bfloat16": float32_to_bfloat16_bits(_LUT_FLOAT32),
+}
+
+
+def pixel_numpy_dtype(dtype: str) -> np.dtype:
+    """numpy dtype of the pixels for a dtype name (bfloat16 -> uint16 bit patterns)."""
+    if dtype not in _LUTS:
+        raise invalid(f"pixel dtype {dtype!r} is not supported; use one of {', '.join(PIXEL_DTYPES)}")
+    return _LUTS[dtype].dtype
+
+
+def _normalise_into(planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray) -> None:
+    """out[t, c] = lut[c][tile t of plane c] for square tiles laid out row-major on the planes.
+
+    One np.take per tile and channel: contiguous 2-D index and output blocks gather fastest.
+    """
+    tiles_per_row = planes[0].shape[1] // out.shape[-1]
+    size = out.shape[-1]
+    for channel, plane in enumerate(planes):
+        table = lut[channel]
+        for tile in range(out.shape[0]):
+            top, left = (tile // tiles_per_row) * size, (tile % tiles_per_row) * size
+            block = plane[top : top + size, left : left + size]
+            np.take(table, block, out=out[tile, channel], mode="clip")
+
+
+def _channel_planes(image: Image.Image) -> list[np.ndarray]:
+    return [np.asarray(band) for band in image.split()]
+
+
+def tile_pixels(
+    image: Image.Image,
+    plan: TilePlan,
+    config: TilingConfig,
+    dtype: str = "float32",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Normalised tiles (num_tiles, 3, S, S): grid tiles row-major, then the thumbnail.
+
+    One BICUBIC resize of the whole image to the grid, one vectorised gather per channel through a
+    256-entry table (bit-identical to ToTensor + Normalize in float32); float16 / bfloat16 are the
+    float32 values rounded to nearest even (bfloat16 as uint16 bit patterns).
+    """
+    if image.mode != "RGB":
+        raise invalid(f"tile_pixels needs an RGB image, got mode {image.mode}")
+    if image.size != (plan.original_width, plan.original_height):
+        raise invalid(
+            f"image is {image.width}x{image.height} but the plan was made for "
+            f"{plan.original_width}x{plan.original_height}"
+        )
+    pixel_numpy_dtype(dtype)  # validates the name
+    lut = _LUTS[dtype]
+    size = config.image_size
+    shape = (plan.num_tiles, 3, size, size)
+    if out is None:
+        out = np.empty(shape, dtype=lut.dtype)
+    elif out.shape != shape or out.dtype != lut.dtype or not out.flags.c_contiguous:
+        raise invalid(
+            f"out must be a C-contiguous {lut.dtype} array of shape {shape}, got {out.dtype} {out.shape}"
+        )
+    resized = image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
+    _normalise_into(_channel_planes(resized), lut, out[: plan.grid_tiles])
+    if plan.has_thumbnail:
+        thumbnail = image.resize((size, size), Image.Resampling.BICUBIC)
+        _normalise_into(_channel_planes(thumbnail), lut, out[plan.grid_tiles :])
+    return out
