@@ -13,6 +13,8 @@ from ivl_tiny.spec import TinySpec
 from ivl_tiny.tokenizer import SpecialTokenIds, build_tokenizer, save_tokenizer, special_token_ids
 
 LAYOUTS = ("original", "native")
+# config.json key marking a checkpoint as random (its replies are noise); services report it in Info.
+RANDOM_WEIGHTS_MARKER = "ivl_random_weights"
 
 
 def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, layout: str = "original") -> Path:
@@ -36,11 +38,14 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, lay
 
     if layout == "native":
         native_config.save_pretrained(str(folder))
-        _add_config_fields(folder / "config.json", {"template": spec.chat_template_name, "ps_version": spec.ps_version})
+        _add_config_fields(
+            folder / "config.json",
+            {"template": spec.chat_template_name, "ps_version": spec.ps_version, RANDOM_WEIGHTS_MARKER: True},
+        )
         tensors = native
         is_llm = {name: name.startswith(("model.language_model.", "lm_head.")) for name in tensors}
     else:
-        config = original_config(spec, ids, vocab_size)
+        config = {**original_config(spec, ids, vocab_size), RANDOM_WEIGHTS_MARKER: True}
         (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         tensors = to_original_state_dict(native, spec)
         is_llm = {name: name.startswith("language_model.") for name in tensors}
