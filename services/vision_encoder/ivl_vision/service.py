@@ -1,0 +1,263 @@
+"""The vision encoder's domain service (no proto here): encode images, plan tiles, describe the model.
+
+Encoding preprocesses every image of a request concurrently in the preprocessor's thread pool, then
+hands each image's tiles to the shared TileBatcher, so tiles of concurrent requests share forwards.
+An image's embedding is (num_tiles * tokens_per_tile, llm_hidden) in the encoder's dtype; bfloat16
+travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.tensor_codec).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ivl_proto.errors import ErrorCode, ServingError, invalid
+
+from ivl_vision.batching import BatcherStats, EncodeFn, TileBatcher
+from ivl_vision.settings import VisionSettings
+from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+MAX_PLANS_PER_REQUEST = 1024
+
+
+@dataclass(frozen=True)
+class TilingRequest:
+    """Tiling options as a caller sent them; None = take the next level's value."""
+
+    max_tiles: int | None = None
+    min_tiles: int | None = None
+    use_thumbnail: bool | None = None
+
+    def over(self, base: TilingRequest) -> TilingRequest:
+        return TilingRequest(
+            self.max_tiles if self.max_tiles is not None else base.max_tiles,
+            self.min_tiles if self.min_tiles is not None else base.min_tiles,
+            self.use_thumbnail if self.use_thumbnail is not None else base.use_thumbnail,
+        )
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    data: bytes
+    tiling: TilingRequest = TilingRequest()
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    plan: TilePlan
+    tiling: TilingConfig  # the effective options the plan was made with
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    embedding: np.ndarray  # (num_tiles * tokens_per_tile, hidden); uint16 bit pattern for bfloat16
+    dtype: str
+    planned: PlannedImage
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    images: list[EncodedImage]
+    preprocess_s: float
+    encode_s: float
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    model_id: str
+    fingerprint: str
+    hidden_size: int
+    tokens_per_tile: int
+    image_size: int
+    dtype: str
+    device: str
+    default_tiling: TilingConfig
+    max_tiles_limit: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_images_per_request: int
+    ps_version: str
+    downsample_ratio: float
+    batching: BatchingInfo
+
+
+@dataclass(frozen=True)
+class BatchingInfo:
+    enabled: bool
+    max_batch_tiles: int
+    max_wait_ms: float
+    max_queued_tiles: int
+    queued_tiles: int
+    stats: BatcherStats
+
+
+def make_encode_fn(encoder: Any, dtype: str, device: str) -> EncodeFn:
+    """Wrap encoder.encode for the batcher: numpy pixels in, numpy (T, tokens, hidden) out.
+
+    Pixels may be float32, float16 or bfloat16 bit patterns (uint16), as the Preprocessor makes them.
+    """
+    torch_dtype = TORCH_DTYPES[dtype]
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(pixels))
+            if batch.dtype == torch.uint16:  # bfloat16 pixels travel as their bit patterns
+                batch = batch.view(torch.bfloat16)
+            batch = batch.to(device=device, dtype=torch_dtype)
+            output = encoder.encode(batch).detach().to("cpu")
+        if output.dtype == torch.bfloat16:
+            return output.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return output.contiguous().numpy()
+
+    return encode
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    return "bfloat16" if array.dtype == np.uint16 else str(array.dtype)
+
+
+def default_tiling(settings: VisionSettings, info: Any) -> TilingConfig:
+    """Server defaults: the settings where given, else the checkpoint's config."""
+    dynamic = bool(getattr(info, "dynamic_image_size", True))
+    max_tiles = settings.max_tiles or (int(info.default_max_tiles) if dynamic else 1)
+    min_tiles = settings.min_tiles or (int(info.default_min_tiles) if dynamic else 1)
+    thumbnail = settings.use_thumbnail if settings.use_thumbnail is not None else bool(info.use_thumbnail)
+    return TilingConfig(
+        image_size=int(info.image_size), min_tiles=min(min_tiles, max_tiles), max_tiles=max_tiles,
+        use_thumbnail=thumbnail,
+    )
+
+
+class VisionService:
+    """Encode / plan / info over a loaded encoder, a Preprocessor and a TileBatcher."""
+
+    def __init__(self, settings: VisionSettings, encoder: Any, preprocessor: Any, batcher: TileBatcher) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.preprocessor = preprocessor
+        self.batcher = batcher
+        self.model = encoder.info
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.default_tiling = default_tiling(settings, self.model)
+        self.tokens_per_tile = int(self.model.tokens_per_tile)
+
+    def tiling_for(self, request: TilingRequest, what: str) -> TilingConfig:
+        """Apply a caller's options over the defaults; a bad option names `what` it belonged to."""
+        try:
+            return self.default_tiling.with_overrides(
+                max_tiles=request.max_tiles, min_tiles=request.min_tiles, use_thumbnail=request.use_thumbnail
+            )
+        except ServingError as error:
+            raise ServingError(error.code, f"{what}: {error.message}") from error
+
+    def _planned(self, plan: TilePlan, tiling: TilingConfig) -> PlannedImage:
+        return PlannedImage(plan, tiling, plan.num_tiles * self.tokens_per_tile)
+
+    def _check_count(self, count: int, limit: int, what: str, setting: str = "") -> None:
+        if count == 0:
+            raise invalid(f"the request has no {what}; send at least one")
+        if count > limit:
+            raise invalid(f"the request has {count} {what}; the limit is {limit}{setting}")
+
+    def _image_tilings(self, images: Sequence[ImageRequest], request: TilingRequest) -> list[TilingConfig]:
+        self.tiling_for(request, "request tiling options")
+        return [self.tiling_for(image.tiling.over(request), f"image {i}") for i, image in enumerate(images)]
+
+    async def encode_images(self, images: Sequence[ImageRequest], tiling: TilingRequest) -> EncodeResult:
+        self._check_count(
+            len(images), self.settings.max_images_per_request, "images", " (IVL_VISION_MAX_IMAGES_PER_REQUEST)"
+        )
+        configs = self._image_tilings(images, tiling)
+        started = time.perf_counter()
+        prepared = await asyncio.gather(
+            *(self._preprocess(i, image.data, config) for i, (image, config) in enumerate(zip(images, configs, strict=True))),
+            return_exceptions=True,
+        )
+        for outcome in prepared:  # the first failing image (by index) decides the error
+            if isinstance(outcome, BaseException):
+                raise outcome
+        preprocessed = [p for p in prepared if not isinstance(p, BaseException)]
+        tiles = sum(int(p.pixels.shape[0]) for p in preprocessed)
+        if tiles > self.batcher.max_queued_tiles:
+            raise invalid(
+                f"the request needs {tiles} tiles; one request may hold at most {self.batcher.max_queued_tiles} "
+                "(IVL_VISION_MAX_QUEUED_TILES); lower max_tiles or send fewer images"
+            )
+        encode_started = time.perf_counter()
+        embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
+        done = time.perf_counter()
+        encoded = [
+            EncodedImage(embedding, _dtype_name(embedding), self._planned(p.plan, config))
+            for embedding, p, config in zip(embeddings, preprocessed, configs, strict=True)
+        ]
+        return EncodeResult(encoded, encode_started - started, done - encode_started, self.model.fingerprint)
+
+    async def _preprocess(self, index: int, data: bytes, config: TilingConfig) -> Any:
+        if not data:
+            raise invalid(f"image {index}: the image data is empty; send the encoded file bytes")
+        try:
+            return await self.preprocessor.preprocess_async(data, config)
+        except ServingError as error:
+            raise ServingError(error.code, f"image {index}: {error.message}") from error
+
+    async def plan_images(
+        self, images: Sequence[ImageRequest], sizes: Sequence[tuple[int, int]], tiling: TilingRequest
+    ) -> list[PlannedImage]:
+        """Plans for images (from their headers) then bare (width, height) sizes; no encoding."""
+        self._check_count(len(images) + len(sizes), MAX_PLANS_PER_REQUEST, "images or sizes")
+        configs = self._image_tilings(images, tiling)
+        plans: list[PlannedImage] = []
+        for index, (image, config) in enumerate(zip(images, configs, strict=True)):
+            if not image.data:
+                raise invalid(f"image {index}: the image data is empty; send the encoded file bytes")
+            try:
+                plan = await asyncio.to_thread(self.preprocessor.plan_bytes, image.data, config)
+            except ServingError as error:
+                raise ServingError(error.code, f"image {index}: {error.message}") from error
+            plans.append(self._planned(plan, config))
+        size_config = self.tiling_for(tiling, "request tiling options")
+        for index, (width, height) in enumerate(sizes):
+            self._check_size(index, width, height)
+            plans.append(self._planned(plan_tiles(width, height, size_config), size_config))
+        return plans
+
+    def _check_size(self, index: int, width: int, height: int) -> None:
+        if width < 1 or height < 1:
+            raise invalid(f"size {index}: {width}x{height} is not a valid image size; both must be >= 1")
+        limit = self.settings.max_image_pixels
+        if width * height > limit:
+            raise ServingError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"size {index}: {width}x{height} = {width * height / 1e6:.1f} MP; the limit is {limit / 1e6:.1f} MP",
+            )
+
+    def info(self) -> ServiceInfo:
+        m = self.model
+        return ServiceInfo(
+            model_id=str(m.model_id), fingerprint=str(m.fingerprint), hidden_size=int(m.llm_hidden_size),
+            tokens_per_tile=self.tokens_per_tile, image_size=int(m.image_size), dtype=self.dtype,
+            device=str(m.device), default_tiling=self.default_tiling, max_tiles_limit=MAX_TILES_LIMIT,
+            max_image_bytes=self.settings.max_image_bytes, max_image_pixels=self.settings.max_image_pixels,
+            max_images_per_request=self.settings.max_images_per_request, ps_version=str(m.ps_version),
+            downsample_ratio=float(m.downsample_ratio), batching=self.batching_info(),
+        )
+
+    def batching_info(self) -> BatchingInfo:
+        b = self.batcher
+        return BatchingInfo(
+            b.batching, b.max_batch_tiles, b.max_wait_s * 1000.0, b.max_queued_tiles, b.queued_tiles,
+            dataclasses.replace(b.stats),
+        )

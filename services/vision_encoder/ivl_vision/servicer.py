@@ -1,0 +1,109 @@
+"""gRPC servicer of ivl.vision.v1.VisionEncoder: proto <-> domain conversions only.
+
+The servicer is registered before the model is loaded (so health can be polled while loading);
+calls that arrive before `attach(service)` get UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import grpc
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.tensor_codec import tensor_to_pb
+from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
+
+from ivl_vision.service import BatchingInfo, ImageRequest, PlannedImage, TilingRequest, VisionService
+from ivl_vision.tiling import TilingConfig
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
+
+def tiling_from_pb(options: common_pb2.TilingOptions) -> TilingRequest:
+    return TilingRequest(
+        max_tiles=options.max_tiles if options.HasField("max_tiles") else None,
+        min_tiles=options.min_tiles if options.HasField("min_tiles") else None,
+        use_thumbnail=options.use_thumbnail if options.HasField("use_thumbnail") else None,
+    )
+
+
+def tiling_to_pb(config: TilingConfig) -> common_pb2.TilingOptions:
+    return common_pb2.TilingOptions(
+        max_tiles=config.max_tiles, min_tiles=config.min_tiles, use_thumbnail=config.use_thumbnail
+    )
+
+
+def images_from_pb(images: list[vision_pb2.ImageInput]) -> list[ImageRequest]:
+    return [ImageRequest(image.data, tiling_from_pb(image.tiling)) for image in images]
+
+
+def plan_to_pb(planned: PlannedImage) -> common_pb2.ImagePlan:
+    plan, tiling = planned.plan, planned.tiling
+    return common_pb2.ImagePlan(
+        grid_cols=plan.grid_cols, grid_rows=plan.grid_rows, num_tiles=plan.num_tiles,
+        resize_width=plan.resize_width, resize_height=plan.resize_height,
+        original_width=plan.original_width, original_height=plan.original_height,
+        has_thumbnail=plan.has_thumbnail, num_tokens=planned.num_tokens,
+        max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles, use_thumbnail=tiling.use_thumbnail,
+    )
+
+
+def batching_to_pb(info: BatchingInfo) -> vision_pb2.BatchingStats:
+    stats = info.stats
+    return vision_pb2.BatchingStats(
+        enabled=info.enabled, max_batch_tiles=info.max_batch_tiles, max_wait_ms=info.max_wait_ms,
+        max_queued_tiles=info.max_queued_tiles, forwards=stats.forwards, tiles_encoded=stats.tiles_encoded,
+        max_batch_seen=stats.max_batch_seen, requests=stats.requests, rejected_requests=stats.rejected_requests,
+        failed_forwards=stats.failed_forwards, queued_tiles=info.queued_tiles,
+    )
+
+
+class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
+    def __init__(self, service: VisionService | None = None) -> None:
+        self._service = service
+
+    def attach(self, service: VisionService) -> None:
+        self._service = service
+
+    def _require(self) -> VisionService:
+        if self._service is None:
+            raise ServingError(
+                ErrorCode.UNAVAILABLE,
+                "the vision encoder is still loading its model; poll grpc.health.v1 until SERVING",
+            )
+        return self._service
+
+    @map_errors
+    async def EncodeImages(
+        self, request: vision_pb2.EncodeImagesRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.EncodeImagesResponse:
+        result = await self._require().encode_images(images_from_pb(request.images), tiling_from_pb(request.tiling))
+        return vision_pb2.EncodeImagesResponse(
+            images=[
+                vision_pb2.EncodedImage(embedding=tensor_to_pb(image.embedding, image.dtype), plan=plan_to_pb(image.planned))
+                for image in result.images
+            ],
+            preprocess_s=result.preprocess_s,
+            encode_s=result.encode_s,
+            fingerprint=result.fingerprint,
+        )
+
+    @map_errors
+    async def PlanImages(
+        self, request: vision_pb2.PlanImagesRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.PlanImagesResponse:
+        sizes = [(size.width, size.height) for size in request.sizes]
+        planned = await self._require().plan_images(images_from_pb(request.images), sizes, tiling_from_pb(request.tiling))
+        return vision_pb2.PlanImagesResponse(plans=[plan_to_pb(p) for p in planned])
+
+    @map_errors
+    async def Info(self, request: vision_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> vision_pb2.InfoResponse:
+        info = self._require().info()
+        return vision_pb2.InfoResponse(
+            model_id=info.model_id, fingerprint=info.fingerprint, hidden_size=info.hidden_size,
+            tokens_per_tile=info.tokens_per_tile, image_size=info.image_size, dtype=info.dtype,
+            default_tiling=tiling_to_pb(info.default_tiling), max_tiles_limit=info.max_tiles_limit,
+            max_image_bytes=info.max_image_bytes, max_image_pixels=info.max_image_pixels,
+            max_images_per_request=info.max_images_per_request, ps_version=info.ps_version,
+            downsample_ratio=info.downsample_ratio, device=info.device, batching=batching_to_pb(info.batching),
+        )

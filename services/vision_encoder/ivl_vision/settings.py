@@ -1,0 +1,114 @@
+"""Settings of the vision encoder service (env prefix IVL_VISION_), validated at startup.
+
+Nothing is read from the environment at import time: call `load_settings()` (or construct
+`VisionSettings(...)`) where the service starts, and pass the object explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
+from pydantic import DirectoryPath, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ivl_vision.tiling import MAX_TILES_LIMIT
+
+ENV_PREFIX = "IVL_VISION_"
+
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start the service; the message lists every bad field by env var."""
+
+
+class VisionSettings(BaseSettings):
+    """Everything the vision encoder service can be told, one field per IVL_VISION_* variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model_path: DirectoryPath = Field(description="checkpoint folder (original OpenGVLab or transformers-native layout)")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to accept remote clients")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    dtype: DtypeName = Field(
+        "float32", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (bf16 is slow on CPUs)"
+    )
+    device: DeviceName = Field("cpu", description="cpu, cuda, or auto (cuda when available)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch default")
+
+    batching: bool = Field(True, description="false = one request per forward, no waiting (benchmarks)")
+    max_batch_tiles: int = Field(32, ge=1, le=4096, description="tile budget of one encoder forward")
+    batch_wait_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="extra wait for a forward to fill up; 0 = batch what queued while the last forward ran",
+    )
+    max_queued_tiles: int = Field(
+        1024, ge=1, description="tiles waiting for a forward before new requests get RESOURCE_EXHAUSTED"
+    )
+
+    max_images_per_request: int = Field(16, ge=1, le=1024)
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="encoded file size limit per image")
+    max_image_pixels: int = Field(80_000_000, ge=1, description="width*height limit per image (decompression bombs)")
+    apply_exif_orientation: bool = Field(
+        True, description="turn photos upright by their EXIF tag; false = exactly the reference's decoding"
+    )
+
+    max_tiles: int | None = Field(
+        None, ge=1, le=MAX_TILES_LIMIT, description="default max tiles; unset = the checkpoint's max_dynamic_patch"
+    )
+    min_tiles: int | None = Field(
+        None, ge=1, le=MAX_TILES_LIMIT, description="default min tiles; unset = the checkpoint's min_dynamic_patch"
+    )
+    use_thumbnail: bool | None = Field(None, description="default thumbnail; unset = the checkpoint's use_thumbnail")
+
+    preprocess_workers: int = Field(2, ge=1, le=256, description="threads decoding and tiling images")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024, le=2**31 - 1)
+    grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get to finish on shutdown")
+    warmup: bool = Field(True, description="run one dummy forward before reporting SERVING")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> VisionSettings:
+        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
+            raise ValueError(
+                f"min_tiles ({self.min_tiles}) is larger than max_tiles ({self.max_tiles}); "
+                f"set {ENV_PREFIX}MIN_TILES <= {ENV_PREFIX}MAX_TILES"
+            )
+        return self
+
+    def resolved_device(self, cuda_available: bool) -> str:
+        """The device to load the model on; 'cuda' asked for without a GPU is an error."""
+        if self.device == "auto":
+            return "cuda" if cuda_available else "cpu"
+        if self.device == "cuda" and not cuda_available:
+            raise SettingsError(
+                f"{ENV_PREFIX}DEVICE=cuda but no CUDA device is visible; use cpu or auto"
+            )
+        return self.device
+
+    def resolved_dtype(self, device: str) -> str:
+        """The compute dtype name: 'auto' becomes bfloat16 on CUDA and float32 on CPU."""
+        if self.dtype == "auto":
+            return "bfloat16" if device == "cuda" else "float32"
+        return self.dtype
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad field, named by its environment variable, with pydantic's reason."""
+    lines = ["invalid vision encoder settings:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item.get("loc", ())) or "settings"
+        env_name = f"{ENV_PREFIX}{field.upper()}" if item.get("loc") else "settings"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+        lines.append(f"  {env_name}: {item.get('msg', 'invalid')}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> VisionSettings:
+    """Read IVL_VISION_* variables (overrides win) and validate; raise SettingsError with a clear text."""
+    try:
+        return VisionSettings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from error

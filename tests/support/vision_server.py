@@ -1,0 +1,108 @@
+"""Start a real vision encoder gRPC server on a free loopback port, for tests of any part.
+
+Two ways, the same server (real checkpoint on disk, real grpc.aio server, health SERVING on entry):
+
+    # async tests (pytest-asyncio): the server runs in the test's own event loop
+    async with running_vision_server(ckpt_path, max_batch_tiles=8) as (address, server):
+        async with grpc.aio.insecure_channel(address, options=message_size_options()) as channel:
+            ...
+
+    # sync tests, or fixtures shared across tests / event loops (module or session scope):
+    # the server runs in a background thread with its own event loop
+    with vision_server_in_thread(ckpt_path) as (address, server):
+        ...  # any client: sync grpc, grpc.aio in another loop, another service under test
+
+`address` is "127.0.0.1:<port>". `server` is the ivl_vision.server.VisionServer; from another thread
+only read it (server.service.batcher.stats, server.port), never call its coroutines.
+Keyword overrides are VisionSettings fields (max_batch_tiles=..., batch_wait_ms=..., warmup=False).
+`load=` replaces the model loader (e.g. a slow one to observe NOT_SERVING); `wait_ready=False`
+returns right after the port is bound, while the model is still loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from ivl_vision.server import LoadEncoder, VisionServer, build_server, load_encoder
+from ivl_vision.settings import VisionSettings
+
+READY_TIMEOUT_S = 120.0
+
+
+def server_settings(model_path: str | Path, **overrides: Any) -> VisionSettings:
+    """Settings for a test server: loopback, port 0, short grace, the given overrides."""
+    fields: dict[str, Any] = {"model_path": Path(model_path), "host": "127.0.0.1", "port": 0, "grace_s": 1.0}
+    fields.update(overrides)
+    return VisionSettings(**fields)
+
+
+
+@contextlib.asynccontextmanager
+async def running_vision_server(
+    model_path: str | Path,
+    *,
+    load: LoadEncoder = load_encoder,
+    wait_ready: bool = True,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    **overrides: Any,
+) -> AsyncIterator[tuple[str, VisionServer]]:
+    """Async context manager: a started server in the running loop; stopped (grace 0) on exit."""
+    server = build_server(server_settings(model_path, **overrides), load)
+    await server.start()
+    try:
+        if wait_ready:
+            await server.wait_ready(ready_timeout_s)
+        yield server.address, server
+    finally:
+        await server.stop(0)
+
+
+@contextlib.contextmanager
+def vision_server_in_thread(
+    model_path: str | Path,
+    *,
+    load: LoadEncoder = load_encoder,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    **overrides: Any,
+) -> Iterator[tuple[str, VisionServer]]:
+    """Sync context manager: the server runs in a daemon thread with its own loop until exit."""
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def run() -> None:
+        state["loop"] = asyncio.get_running_loop()
+        state["stop"] = asyncio.Event()
+        try:
+            async with running_vision_server(
+                model_path, load=load, ready_timeout_s=ready_timeout_s, **overrides
+            ) as (address, server):
+                state["address"], state["server"] = address, server
+                started.set()
+                await state["stop"].wait()
+        except BaseException as error:
+            state["error"] = error
+            raise
+        finally:
+            started.set()
+
+    def thread_main() -> None:
+        with contextlib.suppress(BaseException):
+            asyncio.run(run())
+
+    thread = threading.Thread(target=thread_main, name="vision-test-server", daemon=True)
+    thread.start()
+    if not started.wait(ready_timeout_s + 10):
+        raise TimeoutError(f"the vision server did not become ready in {ready_timeout_s} s")
+    if "error" in state:
+        thread.join(10)
+        raise RuntimeError(f"the vision server failed to start: {state['error']!r}") from state["error"]
+    try:
+        yield state["address"], state["server"]
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
