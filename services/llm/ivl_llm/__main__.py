@@ -1,0 +1,35 @@
+"""`python -m ivl_llm [--model-path DIR] [--port N] ...`: start the LLM service (settings from IVL_LLM_*)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from ivl_llm.server import serve
+from ivl_llm.settings import LLMSettings
+
+
+def parse_args(argv: list[str] | None = None) -> LLMSettings:
+    parser = argparse.ArgumentParser(prog="python -m ivl_llm", description=__doc__)
+    parser.add_argument("--model-path", help="checkpoint folder (IVL_LLM_MODEL_PATH)")
+    parser.add_argument("--host", help="IVL_LLM_HOST")
+    parser.add_argument("--port", type=int, help="IVL_LLM_PORT (default 50052)")
+    parser.add_argument("--backend", choices=["transformers", "lmdeploy"], help="IVL_LLM_BACKEND")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="IVL_LLM_DTYPE")
+    parser.add_argument("--device", help="IVL_LLM_DEVICE, e.g. cpu or cuda")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return LLMSettings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_args(argv)
+    if not settings.model_path:
+        raise SystemExit("set --model-path or IVL_LLM_MODEL_PATH to a checkpoint folder")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generation backends: transformers (CPU/CUDA) and LMDeploy TurboMind (GPU, optional)."""

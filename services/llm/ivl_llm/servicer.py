@@ -1,0 +1,85 @@
+"""gRPC ivl.llm.v1.LanguageModel: proto <-> domain only; errors go through map_errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import invalid
+from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
+from ivl_proto.tensor_codec import tensor_from_pb
+
+from ivl_llm.prompt import ImageEmbedding
+from ivl_llm.sampling import Sampling
+from ivl_llm.service import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Finished, LLMService
+from ivl_llm.templates import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_USER, ChatMessage
+
+ROLES = {
+    common_pb2.ROLE_SYSTEM: ROLE_SYSTEM,
+    common_pb2.ROLE_USER: ROLE_USER,
+    common_pb2.ROLE_ASSISTANT: ROLE_ASSISTANT,
+}
+FINISH_REASONS = {
+    FINISH_STOP: common_pb2.FINISH_REASON_STOP,
+    FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FINISH_CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def messages_from_pb(request: llm_pb2.GenerateRequest) -> list[ChatMessage]:
+    out = []
+    for index, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise invalid(f"message {index} has no role; set ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        out.append(ChatMessage(ROLES[message.role], message.content))
+    return out
+
+
+def sampling_from_pb(params: common_pb2.SamplingParams) -> Sampling:
+    def get(name: str, default: object) -> object:
+        return getattr(params, name) if params.HasField(name) else default
+
+    return Sampling(
+        max_new_tokens=get("max_new_tokens", None),  # type: ignore[arg-type]
+        temperature=float(get("temperature", 0.0)),  # type: ignore[arg-type]
+        top_p=float(get("top_p", 1.0)),  # type: ignore[arg-type]
+        top_k=int(get("top_k", 0)),  # type: ignore[call-overload]
+        repetition_penalty=float(get("repetition_penalty", 1.0)),  # type: ignore[arg-type]
+        seed=get("seed", None),  # type: ignore[arg-type]
+        stop=tuple(params.stop),
+    )
+
+
+def embeddings_from_pb(request: llm_pb2.GenerateRequest) -> list[ImageEmbedding]:
+    return [
+        ImageEmbedding(tensor_from_pb(t, f"image embedding {i}"), t.dtype) for i, t in enumerate(request.image_embeddings)
+    ]
+
+
+class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
+    def __init__(self, service: LLMService) -> None:
+        self.service = service
+
+    @map_errors
+    async def Generate(
+        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        events = self.service.generate(messages_from_pb(request), embeddings_from_pb(request), sampling_from_pb(request.sampling))
+        try:
+            async for event in events:
+                if isinstance(event, Finished):
+                    usage = common_pb2.Usage(**vars(event.usage))
+                    final = llm_pb2.Final(finish_reason=FINISH_REASONS[event.reason], usage=usage)
+                    yield llm_pb2.GenerateResponse(final=final)
+                else:
+                    yield llm_pb2.GenerateResponse(delta=llm_pb2.Delta(text=event.text, tokens=event.tokens, token_ids=event.token_ids))
+        finally:
+            await events.aclose()  # a cancelled call stops the generation here, at once
+
+    @map_errors
+    async def Info(
+        self, request: llm_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> llm_pb2.InfoResponse:
+        return llm_pb2.InfoResponse(**self.service.info())
