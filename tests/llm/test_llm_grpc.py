@@ -193,7 +193,7 @@ def test_a_client_that_goes_away_frees_its_slot(llm_server):
 async def test_health_is_not_serving_until_loaded_then_graceful_stop(tiny_original):
     from ivl_llm.backends.hf import TransformersBackend
     from ivl_llm.service import LLMService
-    from support.llm_server import running_llm_server, test_settings
+    from support.llm_server import running_llm_server, server_settings
 
     release = asyncio.Event()
 
@@ -202,7 +202,7 @@ async def test_health_is_not_serving_until_loaded_then_graceful_stop(tiny_origin
             await release.wait()
             await super().start()
 
-    settings = test_settings(tiny_original)
+    settings = server_settings(tiny_original)
     service = LLMService(settings)
     service.backend = HeldBackend(service.checkpoint, "float32", "cpu", 1)
     async with (

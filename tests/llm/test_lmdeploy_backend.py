@@ -29,7 +29,7 @@ from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.tensor_codec import tensor_to_pb
-from support.llm_server import running_llm_server, test_settings
+from support.llm_server import running_llm_server, server_settings
 
 
 class Status(enum.Enum):
@@ -116,7 +116,7 @@ async def until(predicate, timeout_s: float = 5.0) -> None:
 
 
 def make_service(ckpt, script, delay_s: float = 0.0, **overrides) -> tuple[LLMService, FakeTurboMind]:
-    settings = test_settings(ckpt, backend="lmdeploy", max_concurrency=2, instances=2, **overrides)
+    settings = server_settings(ckpt, backend="lmdeploy", max_concurrency=2, instances=2, **overrides)
     tokenizer = load_tokenizer(ckpt)
     fake = FakeTurboMind(script, tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN), delay_s)
     api = LMDeployAPI(turbomind=fake, engine_config=FakeEngineConfig, generation_config=FakeGenerationConfig)

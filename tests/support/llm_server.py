@@ -36,14 +36,11 @@ from ivl_llm.settings import LLMSettings
 READY_TIMEOUT_S = 120.0
 
 
-def test_settings(model_path: str | Path, **overrides: Any) -> LLMSettings:
+def server_settings(model_path: str | Path, **overrides: Any) -> LLMSettings:
     """Settings for a test server: loopback, port 0, short grace, the given overrides."""
     fields: dict[str, Any] = {"model_path": str(model_path), "host": "127.0.0.1", "port": 0, "grace_s": 1.0}
     fields.update(overrides)
     return LLMSettings(**fields)
-
-
-test_settings.__test__ = False  # type: ignore[attr-defined]  # not a test despite its name
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +53,7 @@ async def running_llm_server(
     **overrides: Any,
 ) -> AsyncIterator[tuple[str, LLMServer]]:
     """Async context manager: a started server in the running loop; stopped (grace 0) on exit."""
-    server = build_server(test_settings(model_path, **overrides), service)
+    server = build_server(server_settings(model_path, **overrides), service)
     await server.start(wait=False)
     try:
         if wait_ready:

@@ -155,9 +155,9 @@ class Stack:
 
     async def _start_vision(self, index: int) -> None:
         from ivl_vision.server import build_server
-        from support.vision_server import test_settings
+        from support.vision_server import server_settings
 
-        server = build_server(test_settings(self.model_path, port=self.vision_ports[index], **self._vision_overrides))
+        server = build_server(server_settings(self.model_path, port=self.vision_ports[index], **self._vision_overrides))
         await server.start()
         await server.wait_ready(READY_TIMEOUT_S)
         self.vision_servers[index] = server
