@@ -31,8 +31,6 @@ def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
     return ChatTurn(messages=messages, sampling=request.sampling, tiling=request.tiling, request_id=request.request_id)
 
 
-def is_tiny_random(*model_ids: str) -> bool:
-    return any("tiny" in model_id.lower() for model_id in model_ids if model_id)
 
 
 class ChatServicer(gateway_pb2_grpc.ChatServicer):
@@ -112,6 +110,6 @@ async def gateway_info(service: ChatService) -> gateway_pb2.InfoResponse:
         tiny_random_model=(
             service.settings.tiny_random_model
             if service.settings.tiny_random_model is not None
-            else is_tiny_random(llm.model_id, vision.model_id)
+            else llm.random_weights
         ),
     )

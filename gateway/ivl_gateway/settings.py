@@ -65,8 +65,8 @@ class GatewaySettings(BaseSettings):
     allow_private_urls: bool = False  # only for tests on loopback; never in production
     # Misc.
     model_name: str = ""  # the model id /v1/models reports; empty = the LLM service's model id
-    # Info.tiny_random_model (the UI's "replies are noise" banner): None = guess from the model ids
-    # ("tiny" in the vision or LLM model id); the launcher sets it when it serves the demo checkpoint.
+    # Info.tiny_random_model (the UI's "replies are noise" banner): None = what the LLM service says
+    # (its Info.random_weights, from the checkpoint's config.json marker written by ivl_tiny).
     tiny_random_model: bool | None = None
     max_message_bytes: int = 512 * 1024 * 1024
     grace_s: float = Field(default=5.0, ge=0)

@@ -101,6 +101,7 @@ async def test_grpc_chat_info_plan_health_reflection(stack):
         info = await stub.Info(gateway_pb2.InfoRequest())
         assert info.hidden_size > 0 and info.vision_fingerprint and info.max_tiles_limit == 40
         assert info.default_tiling.max_tiles == 2  # the gateway's configured default
+        assert info.tiny_random_model  # from the LLM service's Info.random_weights (the checkpoint's marker)
         plans = await stub.PlanImages(gateway_pb2.PlanImagesRequest(images=[gateway_pb2.Image(data=png)],
                                                                    tiling=common_pb2.TilingOptions(max_tiles=6)))
         assert plans.plans[0].original_width == 900 and plans.tokens_per_tile == 256

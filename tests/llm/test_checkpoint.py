@@ -102,3 +102,12 @@ def test_flash_attention_requests_of_real_configs_are_ignored(tiny_qwen2_origina
     (patched / "config.json").write_text(json.dumps(config))
     model = build_causal_lm(read_checkpoint(patched), torch.float32, "cpu")
     assert model.config._attn_implementation != "flash_attention_2"
+
+
+def test_random_weights_marker_is_read_from_config(tiny_original, tmp_path):
+    assert read_checkpoint(tiny_original).random_weights
+    real_like = shutil.copytree(tiny_original, tmp_path / "real-like")
+    config = json.loads((real_like / "config.json").read_text())
+    del config["ivl_random_weights"]
+    (real_like / "config.json").write_text(json.dumps(config))
+    assert not read_checkpoint(real_like).random_weights

@@ -83,6 +83,7 @@ def test_health_reflection_and_info(llm_server, stub):
     assert (info.backend, info.dtype, info.device) == ("transformers", "float32", "cpu")
     assert (info.max_concurrency, info.max_queue) == (1, 1)
     assert info.model_id == "ckpt"
+    assert info.random_weights  # the tiny writer marks its checkpoints; the UI shows a banner for them
 
 
 def test_generate_streams_deltas_then_one_final_with_usage(stub):

@@ -44,6 +44,8 @@ class LLMCheckpoint:
     config: Any  # the transformers config of the causal LM that will run it
     template: str
     system_message: str | None
+    # config.json's "ivl_random_weights" (written by ivl_tiny): the replies of such a model are noise
+    random_weights: bool = False
 
     @property
     def model_id(self) -> str:
@@ -125,6 +127,7 @@ def read_checkpoint(path: str | Path, template: str = "", system_message: str | 
         config=built,
         template=template or default_template,
         system_message=system_message if system_message is not None else config.get("system_message"),
+        random_weights=bool(config.get("ivl_random_weights", False)),
     )
 
 

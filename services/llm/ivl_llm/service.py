@@ -99,6 +99,7 @@ class LLMService:
             "device": self.backend.info.device,
             "max_concurrency": self.settings.max_concurrency,
             "max_queue": self.settings.max_queue,
+            "random_weights": self.checkpoint.random_weights,
         }
 
     async def generate(
