@@ -1,0 +1,84 @@
+"""Command to ready UI: `python -m ivl_stack` on the tiny demo checkpoint, cold (checkpoint written)
+then warm (cached), each followed by Ctrl-C; appends a table to bench/RESULTS.md.
+
+Run: .venv/bin/python bench/bench_stack_startup.py [--runs 2]
+(`scripts/run_stack.sh` adds scripts/setup_env.sh: ~0.5 s when the venv is up to date, minutes on a fresh one.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_run(cache_dir: Path, workdir: Path) -> tuple[float, float, float]:
+    """(seconds to the ready file, the launcher's own ready_s, seconds from SIGINT to exit)."""
+    ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "ivl_stack", "--cache-dir", str(cache_dir), "--ready-file", str(ready)]
+    for name in ("ui", "http", "grpc", "vision", "llm", "redis"):
+        argv += [f"--{name}-port", str(free_port())]
+    started = time.monotonic()
+    launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ready.exists():
+        if launcher.poll() is not None:
+            raise SystemExit(f"the launcher exited with {launcher.returncode}")
+        time.sleep(0.05)
+    to_ready = time.monotonic() - started
+    stopping = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    launcher.wait(timeout=120)
+    return to_ready, json.loads(ready.read_text())["ready_s"], time.monotonic() - stopping
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=2, help="warm runs after the cold one")
+    args = parser.parse_args()
+    load_start = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        rows.append(("cold: writes the tiny checkpoint", *one_run(cache, Path(tmp))))
+        for i in range(args.runs):
+            rows.append((f"warm {i + 1}: checkpoint cached", *one_run(cache, Path(tmp))))
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "",
+        f"## Stack start-up: command to ready UI ({stamp})",
+        "",
+        f"`bench/bench_stack_startup.py`: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; `python -m ivl_stack` (redis + vision + LLM + gateway + Gradio UI) on the "
+        f"tiny demo checkpoint, free ports, then SIGINT; 1-min load average {load_start:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end (shared CPU: indicative).",
+        "",
+        "| run | command to ready file (s) | launcher's ready_s | SIGINT to exit, all children gone (s) |",
+        "|---|---|---|---|",
+        *[f"| {name} | {a:.1f} | {b:.1f} | {c:.1f} |" for name, a, b, c in rows],
+        "",
+    ]
+    with RESULTS.open("a") as out:
+        out.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
