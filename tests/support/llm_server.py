@@ -22,9 +22,7 @@ Keyword overrides are LLMSettings fields (max_concurrency=..., max_queue=..., wa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 from ivl_llm.server import LLMServer, build_server
 from ivl_llm.service import LLMService
 from ivl_llm.settings import LLMSettings
+from support.in_thread import async_context_in_thread
 
 READY_TIMEOUT_S = 120.0
 
@@ -68,36 +67,7 @@ def llm_server_in_thread(
     model_path: str | Path, *, ready_timeout_s: float = READY_TIMEOUT_S, **overrides: Any
 ) -> Iterator[tuple[str, LLMServer]]:
     """Sync context manager: the server runs in a daemon thread with its own loop until exit."""
-    started = threading.Event()
-    state: dict[str, Any] = {}
-
-    async def run() -> None:
-        state["loop"] = asyncio.get_running_loop()
-        state["stop"] = asyncio.Event()
-        try:
-            async with running_llm_server(model_path, ready_timeout_s=ready_timeout_s, **overrides) as (address, server):
-                state["address"], state["server"] = address, server
-                started.set()
-                await state["stop"].wait()
-        except BaseException as error:
-            state["error"] = error
-            raise
-        finally:
-            started.set()
-
-    def thread_main() -> None:
-        with contextlib.suppress(BaseException):
-            asyncio.run(run())
-
-    thread = threading.Thread(target=thread_main, name="llm-test-server", daemon=True)
-    thread.start()
-    if not started.wait(ready_timeout_s + 10):
-        raise TimeoutError(f"the LLM server did not become ready in {ready_timeout_s} s")
-    if "error" in state:
-        thread.join(10)
-        raise RuntimeError(f"the LLM server failed to start: {state['error']!r}") from state["error"]
-    try:
-        yield state["address"], state["server"]
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+    with async_context_in_thread(
+        lambda: running_llm_server(model_path, ready_timeout_s=ready_timeout_s, **overrides), "LLM server", ready_timeout_s
+    ) as running:
+        yield running

@@ -21,15 +21,14 @@ returns right after the port is bound, while the model is still loading.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from ivl_vision.server import LoadEncoder, VisionServer, build_server, load_encoder
 from ivl_vision.settings import VisionSettings
+from support.in_thread import async_context_in_thread
 
 READY_TIMEOUT_S = 120.0
 
@@ -39,7 +38,6 @@ def server_settings(model_path: str | Path, **overrides: Any) -> VisionSettings:
     fields: dict[str, Any] = {"model_path": Path(model_path), "host": "127.0.0.1", "port": 0, "grace_s": 1.0}
     fields.update(overrides)
     return VisionSettings(**fields)
-
 
 
 @contextlib.asynccontextmanager
@@ -71,38 +69,9 @@ def vision_server_in_thread(
     **overrides: Any,
 ) -> Iterator[tuple[str, VisionServer]]:
     """Sync context manager: the server runs in a daemon thread with its own loop until exit."""
-    started = threading.Event()
-    state: dict[str, Any] = {}
-
-    async def run() -> None:
-        state["loop"] = asyncio.get_running_loop()
-        state["stop"] = asyncio.Event()
-        try:
-            async with running_vision_server(
-                model_path, load=load, ready_timeout_s=ready_timeout_s, **overrides
-            ) as (address, server):
-                state["address"], state["server"] = address, server
-                started.set()
-                await state["stop"].wait()
-        except BaseException as error:
-            state["error"] = error
-            raise
-        finally:
-            started.set()
-
-    def thread_main() -> None:
-        with contextlib.suppress(BaseException):
-            asyncio.run(run())
-
-    thread = threading.Thread(target=thread_main, name="vision-test-server", daemon=True)
-    thread.start()
-    if not started.wait(ready_timeout_s + 10):
-        raise TimeoutError(f"the vision server did not become ready in {ready_timeout_s} s")
-    if "error" in state:
-        thread.join(10)
-        raise RuntimeError(f"the vision server failed to start: {state['error']!r}") from state["error"]
-    try:
-        yield state["address"], state["server"]
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+    with async_context_in_thread(
+        lambda: running_vision_server(model_path, load=load, ready_timeout_s=ready_timeout_s, **overrides),
+        "vision server",
+        ready_timeout_s,
+    ) as running:
+        yield running
