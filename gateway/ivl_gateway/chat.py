@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
@@ -18,7 +18,14 @@ from ivl_proto.gateway.v1 import gateway_pb2
 from ivl_proto.llm.v1 import llm_pb2
 
 from ivl_gateway.cache import EmbeddingCache
-from ivl_gateway.conversation import ChatTurn, TurnLimits, collect_images, llm_messages, resolve_tiling
+from ivl_gateway.conversation import (
+    ChatTurn,
+    TurnLimits,
+    check_image_bytes,
+    collect_images,
+    llm_messages,
+    resolve_tiling,
+)
 from ivl_gateway.embedding_codec import TilingChoice
 from ivl_gateway.image_embeddings import EmbeddingResolver
 from ivl_gateway.llm_client import LLMClient
@@ -67,11 +74,16 @@ class ChatService:
         min_tiles = d.min_tiles if d.HasField("min_tiles") else 1
         return TilingChoice(min(max_tiles, limit), min(min_tiles, max_tiles), thumb), limit
 
-    async def chat(self, turn: ChatTurn, api: str = "grpc") -> AsyncIterator[gateway_pb2.ChatResponse]:
+    async def chat(self, turn: ChatTurn, api: str = "grpc") -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
+        """The turn's events; counted in gateway_requests_in_flight{api} from the first event asked for
+        until the stream ends, fails or is closed (a client that went away)."""
         start = time.perf_counter()
         outcome = "error"
+        in_flight = self.metrics.in_flight.labels(api=api)
+        in_flight.inc()
+        events = self._chat(turn, start)
         try:
-            async for event in self._chat(turn, start):
+            async for event in events:
                 yield event
             outcome = "ok"
         except ServingError as error:
@@ -81,10 +93,12 @@ class ChatService:
             outcome = "cancelled"
             raise
         finally:
+            in_flight.dec()
+            await events.aclose()  # at once, not at garbage collection: cancels the LLM call of a closed stream
             self.metrics.requests.labels(api=api, outcome=outcome).inc()
             self.metrics.request_latency.labels(api=api).observe(time.perf_counter() - start)
 
-    async def _chat(self, turn: ChatTurn, start: float) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    async def _chat(self, turn: ChatTurn, start: float) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
         images = collect_images(turn, self.limits)
         llm_info = await self.llm.info()
         embeddings: list[common_pb2.Tensor] = []
@@ -98,6 +112,7 @@ class ChatService:
                     f"the vision service outputs width {vision_info.hidden_size} but the LLM's hidden size is "
                     f"{llm_info.hidden_size}: the two services run different models",
                 )
+            check_image_bytes(images, vision_info.max_image_bytes)
             defaults, limit = await self.default_tiling()
             tiling = resolve_tiling(turn.tiling, defaults, limit)
             vision_start = time.perf_counter()

@@ -14,6 +14,7 @@ client keeps its tiling options.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ivl_proto.common.v1 import common_pb2
@@ -21,8 +22,10 @@ from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.llm.v1 import llm_pb2
 
 from ivl_gateway.embedding_codec import TilingChoice
+from ivl_gateway.settings import MAX_TILES_LIMIT
 
 PLACEHOLDER = "<image>"
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not encodable as UTF-8
 ROLE_NAMES = {
     common_pb2.ROLE_SYSTEM: "system",
     common_pb2.ROLE_USER: "user",
@@ -67,6 +70,7 @@ def collect_images(turn: ChatTurn, limits: TurnLimits) -> list[ChatImage]:
         raise invalid("messages is empty: send at least one user message")
     if turn.messages[-1].role != common_pb2.ROLE_USER:
         raise invalid("the last message must be a user message")
+    check_tiling_options(turn.tiling)
     images: list[ChatImage] = []
     chars = 0
     for m_index, message in enumerate(turn.messages):
@@ -82,6 +86,12 @@ def collect_images(turn: ChatTurn, limits: TurnLimits) -> list[ChatImage]:
                     raise invalid(f"message {m_index}: image {len(images)} is empty (0 bytes)")
                 images.append(ChatImage(part, m_index, len(images)))
             else:
+                found = _SURROGATE.search(part)
+                if found is not None:
+                    raise invalid(
+                        f"message {m_index} contains a lone surrogate (U+{ord(found.group()):04X}); "
+                        "text must be valid Unicode"
+                    )
                 if PLACEHOLDER in part:
                     raise invalid(
                         f"message {m_index}: text contains the reserved placeholder {PLACEHOLDER!r}; "
@@ -110,6 +120,34 @@ def llm_messages(turn: ChatTurn, total_images: int) -> list[llm_pb2.Message]:
                 texts.append(part)
         result.append(llm_pb2.Message(role=message.role, content="".join(prefix) + "".join(texts)))
     return result
+
+
+def check_image_bytes(images: list[ChatImage], max_image_bytes: int) -> None:
+    """The vision service's per-image byte limit (its Info.max_image_bytes; 0 = none), checked before
+    sending: a 413 naming the image and the limit."""
+    for image in images:
+        if max_image_bytes and len(image.data) > max_image_bytes:
+            raise ServingError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"image {image.image_index} (message {image.message_index}) is {_byte_size(len(image.data))}; "
+                f"the limit is {_byte_size(max_image_bytes)} per image",
+            )
+
+
+def _byte_size(size: int) -> str:
+    return f"{size} bytes ({size / 2**20:.1f} MiB)" if size >= 2**17 else f"{size} bytes"
+
+
+def check_tiling_options(options: common_pb2.TilingOptions, max_tiles_limit: int = MAX_TILES_LIMIT) -> None:
+    """The request's tiling options in range, whether or not it has images."""
+    max_tiles = options.max_tiles if options.HasField("max_tiles") else None
+    if max_tiles is not None and not 1 <= max_tiles <= max_tiles_limit:
+        raise invalid(f"max_tiles is {max_tiles}; it must be between 1 and {max_tiles_limit}")
+    if options.HasField("min_tiles"):
+        upper = max_tiles if max_tiles is not None else max_tiles_limit
+        if not 1 <= options.min_tiles <= upper:
+            bound = f"max_tiles ({max_tiles})" if max_tiles is not None else str(max_tiles_limit)
+            raise invalid(f"min_tiles is {options.min_tiles}; it must be between 1 and {bound}")
 
 
 def resolve_tiling(

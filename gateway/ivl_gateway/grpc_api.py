@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_proto.grpc_runtime import map_errors
@@ -15,6 +18,54 @@ from ivl_gateway.conversation import ChatMessage, ChatTurn, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes did not parse (e.g. a string field with invalid UTF-8)."""
+
+    type_name: str
+    reason: str
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that hands parse failures to the method (-> INVALID_ARGUMENT) instead of
+    letting gRPC answer UNKNOWN."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+def _require_decoded(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise invalid(
+            f"the request is not a valid {request.type_name} ({request.reason}); strings must be valid UTF-8"
+        )
+
+
+def add_chat_servicer(servicer: ChatServicer, server: grpc.aio.Server) -> None:
+    """Register ivl.gateway.v1.Chat like the generated add_ChatServicer_to_server, with lenient parsing."""
+    handlers = {
+        "Chat": grpc.unary_stream_rpc_method_handler(
+            servicer.Chat, request_deserializer=_lenient(gateway_pb2.ChatRequest),
+            response_serializer=gateway_pb2.ChatResponse.SerializeToString,
+        ),
+        "PlanImages": grpc.unary_unary_rpc_method_handler(
+            servicer.PlanImages, request_deserializer=_lenient(gateway_pb2.PlanImagesRequest),
+            response_serializer=gateway_pb2.PlanImagesResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=_lenient(gateway_pb2.InfoRequest),
+            response_serializer=gateway_pb2.InfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
@@ -29,8 +80,6 @@ def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
                 parts.append(bytes(part.image.data))
         messages.append(ChatMessage(role=message.role, parts=parts))
     return ChatTurn(messages=messages, sampling=request.sampling, tiling=request.tiling, request_id=request.request_id)
-
-
 
 
 class ChatServicer(gateway_pb2_grpc.ChatServicer):
@@ -58,6 +107,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
     async def Chat(
         self, request: gateway_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        _require_decoded(request)
         self._authorize(context)
         self._check_size(request)
         stream = self._service.chat(turn_from_pb(request), api="grpc")
@@ -71,6 +121,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
     async def PlanImages(
         self, request: gateway_pb2.PlanImagesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PlanImagesResponse:
+        _require_decoded(request)
         self._authorize(context)
         self._check_size(request)
         if not request.images:
@@ -90,6 +141,7 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
     async def Info(
         self, request: gateway_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.InfoResponse:
+        _require_decoded(request)
         self._authorize(context)
         return await gateway_info(self._service)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import math
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,6 +56,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _too_large(total, limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> Any:
+    """The body as JSON (UTF-8/16/32), or a 400: malformed, nested too deeply, NaN/Infinity."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise invalid(
+            "the request body is nested too deeply to parse: JSON arrays and objects may nest at most about "
+            f"{sys.getrecursionlimit() // 2} levels"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        raise invalid(f"the request body is not valid JSON: {error}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range of a 64-bit float")
+    return value
 
 
 def _too_large(size: int, limit: int) -> ServingError:
@@ -139,11 +165,7 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         raw = await _read_body(request, settings.max_request_bytes)
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise invalid(f"the request body is not valid JSON: {error}") from None
-        body = parse_request(payload)
+        body = parse_request(decode_json(raw))
         turn = await _turn_from_openai(body, fetcher)
         name = body.model or await model_name()
         if body.stream:
@@ -219,10 +241,28 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
                 await stream.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(events(), stream, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes the chat stream, also when the client goes away before the
+    body is iterated (then the events generator never starts, and its own `finally` would not run)."""
+
+    def __init__(self, content: AsyncIterator[str], chat_stream: AsyncGenerator[Any, None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._events = content
+        self._chat_stream = chat_stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if isinstance(self._events, AsyncGenerator):
+                await self._events.aclose()
+            await self._chat_stream.aclose()
 
 
 async def _chain(

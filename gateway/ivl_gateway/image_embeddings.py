@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
@@ -18,6 +19,29 @@ from ivl_gateway.singleflight import SingleFlight
 from ivl_gateway.vision_client import VisionClient
 
 log = logging.getLogger(__name__)
+
+
+_IMAGE_ERRORS = (ErrorCode.INVALID_ARGUMENT, ErrorCode.PAYLOAD_TOO_LARGE)
+_VISION_PREFIX = re.compile(r"image (\d+): ")
+
+
+def _about_image(error: ServingError, image: ChatImage, vision_index: int) -> ServingError:
+    """The vision service's error about its image `vision_index`, named after the request's image once
+    ("image 2 (message 0): image is 50000x50000 ..."), not with both prefixes."""
+    detail = error.message.removeprefix(f"image {vision_index}: ")
+    return ServingError(error.code, f"image {image.image_index} (message {image.message_index}): {detail}")
+
+
+def _about_failed_image(error: BaseException, jobs: list[_Job]) -> BaseException:
+    """A PlanImages/EncodeImages error that names one of its images ("image K: ..."), renamed after the
+    request's image; other errors are returned as they are."""
+    if not isinstance(error, ServingError) or error.code not in _IMAGE_ERRORS:
+        return error
+    found = _VISION_PREFIX.match(error.message)
+    if found is None or int(found.group(1)) >= len(jobs):
+        return error
+    index = int(found.group(1))
+    return _about_image(error, jobs[index].image, index)
 
 
 @dataclass(frozen=True)
@@ -114,16 +138,18 @@ class EmbeddingResolver:
         try:
             plans = await self._vision.plan([(job.data, job.tiling) for job in jobs])
         except ServingError as error:
-            if error.code is not ErrorCode.INVALID_ARGUMENT:
+            if error.code not in _IMAGE_ERRORS:
                 raise
-            for job in jobs:  # find which image it was: cheap, header-only calls
+            located = _about_failed_image(error, jobs)  # the vision service names it "image K: ..."
+            if located is not error:
+                raise located from None
+            if len(jobs) == 1:
+                raise _about_image(error, jobs[0].image, 0) from None
+            for job in jobs:  # otherwise find which image it was: cheap, header-only calls
                 try:
                     await self._vision.plan([(job.data, job.tiling)])
                 except ServingError as single:
-                    raise ServingError(
-                        single.code,
-                        f"image {job.image.image_index} (message {job.image.message_index}): {single.message}",
-                    ) from None
+                    raise _about_image(single, job.image, 0) from None
             raise
         return {job.key: plan for job, plan in zip(jobs, plans, strict=True)}
 
@@ -158,9 +184,12 @@ class EmbeddingResolver:
         try:
             encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs])
         except BaseException as error:
+            failure = _about_failed_image(error, jobs)
             for job in jobs:
-                self._flight.fail(job.key, error)
-            raise
+                self._flight.fail(job.key, failure)
+            if failure is error:
+                raise
+            raise failure from None
         results: dict[str, tuple[ImageEmbedding, float]] = {}
         for job, embedding in zip(jobs, encoded.embeddings, strict=True):
             if embedding.shape[-1] != hidden_size:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -21,6 +21,12 @@ class GatewayMetrics:
         self.requests = Counter(
             "gateway_requests", "Chat requests by API and outcome", ["api", "outcome"], registry=r
         )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Chat turns being served now, by API (streams until they end or close)",
+            ["api"], registry=r,
+        )
+        for api in ("http", "grpc"):
+            self.in_flight.labels(api=api)
         self.request_latency = Histogram(
             "gateway_request_seconds", "Whole chat request time", ["api"], buckets=_LATENCY_BUCKETS, registry=r
         )

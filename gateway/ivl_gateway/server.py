@@ -9,7 +9,6 @@ import socket
 from dataclasses import dataclass
 
 import uvicorn
-from ivl_proto.gateway.v1 import gateway_pb2_grpc
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
     bind,
@@ -21,7 +20,7 @@ from ivl_proto.grpc_runtime import (
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
-from ivl_gateway.grpc_api import SERVICE_NAME, ChatServicer
+from ivl_gateway.grpc_api import SERVICE_NAME, ChatServicer, add_chat_servicer
 from ivl_gateway.http_api import build_app
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import GatewaySettings
@@ -44,9 +43,7 @@ class Gateway:
         self.chat_service = ChatService(settings, self.metrics)
         self.app = build_app(settings, self.chat_service)
         self._grpc = new_aio_server(settings.max_message_bytes)
-        gateway_pb2_grpc.add_ChatServicer_to_server(
-            ChatServicer(self.chat_service, ApiKeys(settings.api_keys)), self._grpc
-        )
+        add_chat_servicer(ChatServicer(self.chat_service, ApiKeys(settings.api_keys)), self._grpc)
         self._health = add_health_and_reflection(self._grpc, [SERVICE_NAME])
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None

@@ -60,6 +60,11 @@ _BY_GRPC_STATUS: dict[grpc.StatusCode, ErrorCode] = {
 }
 
 
+# Trailing-metadata key carrying the ErrorCode next to the gRPC status (map_errors sets it): codes that
+# share a gRPC status (INVALID_ARGUMENT vs PAYLOAD_TOO_LARGE) keep their difference across a hop.
+ERROR_CODE_METADATA_KEY = "ivl-error-code"
+
+
 class ServingError(Exception):
     """An error with a code from the table and a message a person can act on."""
 
@@ -88,7 +93,7 @@ def from_grpc_error(error: grpc.RpcError, service: str) -> ServingError:
     """Turn a downstream call's failure into a ServingError that names the service."""
     status = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
+    code = _refined_code(error, status) or _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
     if code is ErrorCode.UNAVAILABLE:
         return ServingError(code, f"the {service} service is unavailable: {details}")
     if code is ErrorCode.DEADLINE_EXCEEDED:
@@ -96,3 +101,20 @@ def from_grpc_error(error: grpc.RpcError, service: str) -> ServingError:
     if code is ErrorCode.INTERNAL:
         return ServingError(code, f"the {service} service failed ({status.name}): {details}")
     return ServingError(code, details or status.name)
+
+
+def _refined_code(error: grpc.RpcError, status: grpc.StatusCode) -> ErrorCode | None:
+    """The ErrorCode the server put in trailing metadata, if it agrees with the gRPC status."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # a call without metadata: fall back to the status
+        return None
+    for key, value in metadata or ():
+        if key == ERROR_CODE_METADATA_KEY:
+            try:
+                code = ErrorCode(value)
+            except ValueError:
+                return None
+            return code if ERROR_TABLE[code].grpc_status == status else None
+    return None

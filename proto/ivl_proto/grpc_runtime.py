@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ivl_proto.errors import ServingError
+from ivl_proto.errors import ERROR_CODE_METADATA_KEY, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                 async for item in method(self, request, context):
                     yield item
             except ServingError as error:
-                await context.abort(error.grpc_status, error.message)
+                await context.abort(error.grpc_status, error.message, _code_metadata(error))
 
         return stream_wrapper
 
@@ -53,9 +53,14 @@ def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return await method(self, request, context)
         except ServingError as error:
-            await context.abort(error.grpc_status, error.message)
+            await context.abort(error.grpc_status, error.message, _code_metadata(error))
 
     return unary_wrapper
+
+
+def _code_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the ErrorCode (see errors.ERROR_CODE_METADATA_KEY)."""
+    return ((ERROR_CODE_METADATA_KEY, error.code.value),)
 
 
 def new_aio_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:

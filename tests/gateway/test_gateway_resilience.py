@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +37,10 @@ def wait_until(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def in_flight(stack, api: str) -> float:
+    return metric(stack.gateway, "gateway_requests_in_flight", api=api)
+
+
 def long_body(stream: bool) -> dict:
     return {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": LONG,
             "temperature": 0, "stream": stream}
@@ -48,9 +55,11 @@ def test_http_stream_disconnect_stops_generation(stack):
         received = [next(lines) for _ in range(6)]
         assert all(line.startswith("data: ") or not line for line in received)
         assert llm_active(stack) == 1
+        assert in_flight(stack, "http") == 1
     started = time.monotonic()
     wait_until(lambda: llm_active(stack) == 0, 2.0, "the LLM slot to be freed after the client left")
     assert time.monotonic() - started < 2.0
+    wait_until(lambda: in_flight(stack, "http") == 0, 2.0, "gateway_requests_in_flight{api=http} back to 0")
     wait_until(lambda: metric(stack.gateway, "gateway_requests_total", api="http", outcome="cancelled")
                > cancelled_before, 2.0, "the cancelled request to be counted")
 
@@ -68,9 +77,11 @@ def test_http_non_stream_disconnect_stops_generation(stack):
     thread = threading.Thread(target=call)
     thread.start()
     wait_until(lambda: llm_active(stack) == 1, 10, "the generation to start")
+    assert in_flight(stack, "http") == 1
     thread.join(30)
     assert outcome, "the request should have timed out on the client side"
     wait_until(lambda: llm_active(stack) == 0, 2.0, "the LLM slot to be freed after the client left")
+    wait_until(lambda: in_flight(stack, "http") == 0, 2.0, "gateway_requests_in_flight{api=http} back to 0")
 
 
 async def test_grpc_cancel_stops_generation(stack):
@@ -86,8 +97,43 @@ async def test_grpc_cancel_stops_generation(stack):
             if seen == 5:
                 break
         assert llm_active(stack) == 1
+        assert in_flight(stack, "grpc") == 1
         call.cancel()
     wait_until(lambda: llm_active(stack) == 0, 2.0, "the LLM slot to be freed after the gRPC cancel")
+    wait_until(lambda: in_flight(stack, "grpc") == 0, 2.0, "gateway_requests_in_flight{api=grpc} back to 0")
+
+
+def test_http_stream_closed_before_its_body_is_sent_is_not_left_in_flight(stack):
+    """The client is gone when the response starts (ASGI send fails): the body's generator never runs,
+    yet the chat turn must end at once (not at garbage collection) and leave nothing in flight."""
+    body = json.dumps(long_body(True)).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
+
+    async def call_with_a_broken_send() -> float:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                assert in_flight(stack, "http") == 1  # the turn is running: its first text is buffered
+                raise OSError("the client went away")
+
+        with contextlib.suppress(Exception):
+            await stack.gateway.app(scope, receive, send)
+        return in_flight(stack, "http")  # read with no await since the app returned
+
+    assert stack.run(call_with_a_broken_send()) == 0
+    wait_until(lambda: llm_active(stack) == 0, 2.0, "the LLM slot to be freed")
 
 
 def chat_with_image(stack, png: bytes) -> httpx.Response:

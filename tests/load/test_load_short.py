@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from support.load_client import chat_body, percentile, run_clients, unique_png
@@ -28,6 +30,7 @@ CLIENTS = 8
 REQUESTS = 24  # per round; two rounds
 RSS_GROWTH_LIMIT = 48 * 2**20  # second round over the first: allocator noise, not a per-request leak
 REPEATED = [unique_png(900 + i, 320, 240) for i in range(3)]
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,12 @@ def requests_counted(stack) -> float:
     )
 
 
+def in_flight(stack) -> dict[str, float]:
+    """gateway_requests_in_flight per API (incremented/decremented around every chat turn)."""
+    registry = stack.gateway.metrics.registry
+    return {api: registry.get_sample_value("gateway_requests_in_flight", {"api": api}) for api in ("http", "grpc")}
+
+
 def leftovers(stack) -> dict[str, int]:
     chat_service = stack.gateway.chat_service
     scheduler = stack.llm_servers[0].service.scheduler
@@ -73,6 +82,15 @@ def leftovers(stack) -> dict[str, int]:
         "singleflight": len(chat_service.resolver._flight),
         "background_encodes": len(chat_service.resolver._background),
     }
+
+
+async def watch_in_flight(stack, peak: list[float], run: Coroutine[Any, Any, T]) -> T:
+    """Run the clients while sampling gateway_requests_in_flight{api=http} into `peak`."""
+    task = asyncio.ensure_future(run)
+    while not task.done():
+        peak.append(in_flight(stack)["http"])
+        await asyncio.wait({task}, timeout=0.02)
+    return task.result()
 
 
 async def loop_tasks(stack) -> int:
@@ -95,7 +113,10 @@ def test_bounded_load_everything_answered_or_refused_and_nothing_leaks(stack):
     rss: list[int] = []
     for round_index in range(2):
         counted_before = requests_counted(stack)
-        outcomes = asyncio.run(run_clients(stack.http_url, CLIENTS, REQUESTS, make_body(round_index)))
+        peak: list[float] = []
+        outcomes = asyncio.run(watch_in_flight(stack, peak, run_clients(stack.http_url, CLIENTS, REQUESTS,
+                                                                        make_body(round_index))))
+        assert 1 <= max(peak) <= CLIENTS, peak  # the gauge saw the run, never more turns than clients
         assert len(outcomes) == REQUESTS
         bad = [(i, o.status, o.error_code, o.error_message) for i, o in enumerate(outcomes)
                if not (o.ok or (o.refused_clearly and o.error_code == "resource_exhausted"))]
@@ -115,6 +136,7 @@ def test_bounded_load_everything_answered_or_refused_and_nothing_leaks(stack):
         assert tasks <= baseline_tasks, f"{tasks} tasks in the stack's loop after the run, {baseline_tasks} before"
         # Every request finished at the gateway (counted with its outcome): none is still in flight.
         assert requests_counted(stack) - counted_before == REQUESTS
+        assert in_flight(stack) == {"http": 0, "grpc": 0}, in_flight(stack)
         rss.append(rss_bytes(os.getpid()))
     growth = rss[1] - rss[0]
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth / 2**20:.1f} MiB in the second round"
