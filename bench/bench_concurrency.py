@@ -22,38 +22,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from support.load_client import ChatOutcome, chat_body, percentile, run_clients, unique_png  # noqa: E402
+from benchlib import (
+    MIB,
+    add_paths,
+    command_line,
+    machine_line,
+    markdown_table,
+    publish,
+    table_row,
+    utc_now,
+    versions,
+)
+
+add_paths("tests")
+from support.load_client import (  # noqa: E402
+    ChatOutcome,
+    chat_body,
+    percentile,
+    run_clients,
+    split_outcomes,
+    unique_png,
+)
 from support.service_processes import ProcessBackend  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 HEADING = "## Concurrency through the gateway (bench/bench_concurrency.py)"
-MIB = 2**20
 
 
 def machine() -> str:
-    import grpc
-    import torch
-    import transformers
-
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor() or "unknown CPU"
-    import os
-
-    return (f"{cpu}, {os.cpu_count()} CPUs (1-min load average {os.getloadavg()[0]:.1f} at the end: shared with other jobs); Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, grpcio {grpc.__version__}")
+    """The machine and versions line the concurrency and soak sections share."""
+    return f"{machine_line()} (shared with other jobs); {versions('torch', 'transformers', 'grpc')}"
 
 
 def write_checkpoint(preset: str, folder: Path) -> Path:
@@ -74,9 +76,7 @@ def level_bodies(level: int, width: int, height: int, max_tokens: int, repeated:
 
 
 def summarize(level: int, outcomes: list[ChatOutcome], seconds: float, rss_before: dict, rss_after: dict) -> dict:
-    answered = [o for o in outcomes if o.ok]
-    refused = [o for o in outcomes if not o.ok and o.refused_clearly and o.status >= 400]
-    errors = [o for o in outcomes if not o.ok and o not in refused]
+    answered, refused, errors = split_outcomes(outcomes)
     ttfts = [o.ttft_s for o in answered if o.ttft_s is not None]
     repeated = [o for i, o in enumerate(outcomes) if i % 2 == 1 and o.ok]
     new = [o.ttft_s for i, o in enumerate(outcomes) if i % 2 == 0 and o.ok and o.ttft_s is not None]
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 outcomes = asyncio.run(run_clients(backend.gateway.http_url, level, count, bodies))
                 seconds = time.perf_counter() - started
                 rows.append(summarize(level, outcomes, seconds, before, backend.rss()))
-                print(format_row(rows[-1]), flush=True)
+                print(table_row(row_cells(rows[-1])), flush=True)
             # Leak check: the top level once more. RSS after a level is a high-water mark (Python and
             # glibc keep freed memory), so growth through the ladder is the working set of more clients;
             # a leak shows as growth between two identical rounds.
@@ -138,14 +138,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     return rows, start_rss, end_rss
 
 
-def format_row(row: dict) -> str:
+def row_cells(row: dict) -> list:
     rss = " / ".join(f"{row['rss_before'][n] / MIB:.0f}->{row['rss_after'][n] / MIB:.0f}"
                      for n in ("gateway", "vision", "llm"))
     clients = f"{row['clients']} (again)" if row.get("repeat") else str(row["clients"])
-    return (f"| {clients} | {row['requests']} | {row['rps']:.2f} | {row['p50'] * 1000:.0f} | "
-            f"{row['p95'] * 1000:.0f} | {row['p99'] * 1000:.0f} | {row['p50_new'] * 1000:.0f} / "
-            f"{row['p50_hit'] * 1000:.0f} | {row['errors']} | {row['refused']} | "
-            f"{row['hit_share']:.2f} | {rss} |")
+    return [clients, row["requests"], f"{row['rps']:.2f}", f"{row['p50'] * 1000:.0f}", f"{row['p95'] * 1000:.0f}",
+            f"{row['p99'] * 1000:.0f}", f"{row['p50_new'] * 1000:.0f} / {row['p50_hit'] * 1000:.0f}", row["errors"],
+            row["refused"], f"{row['hit_share']:.2f}", rss]
 
 
 def report(args: argparse.Namespace, rows: list[dict], start_rss: dict, end_rss: dict, elapsed: float) -> str:
@@ -157,20 +156,18 @@ def report(args: argparse.Namespace, rows: list[dict], start_rss: dict, end_rss:
     peak = {n: (ladder[-1]["rss_after"][n] - ladder[0]["rss_before"][n]) / MIB for n in start_rss}
     lines = [
         "", HEADING, "",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}",
+        f"- date: {utc_now()}; machine: {machine()}",
         f"- stack: redis-server + `python -m ivl_vision` + `python -m ivl_llm` + `python -m ivl_gateway`, one "
         f"process each on loopback, ivl_tiny preset `{args.preset}`, fp32 CPU, 1 torch thread per service; "
         f"LLM {args.llm_slots} slots; max_tiles {args.max_tiles} + thumbnail, {args.width}x{args.height} PNG, "
         f"{args.max_tokens} new tokens, streaming OpenAI HTTP",
         f"- mix: half new images (cache misses), half one of 4 repeated images (hits); "
         f"{args.requests_per_client} requests per client per level",
-        f"- command: `.venv/bin/python bench/bench_concurrency.py {' '.join(args.argv)}` ({elapsed:.0f} s)",
+        f"- command: {command_line('bench_concurrency.py', args.argv)} ({elapsed:.0f} s)",
         "",
-        "| clients | requests | answered req/s | TTFT p50 ms | p95 ms | p99 ms | p50 new / repeated image ms | "
-        "errors | refused (4xx) | "
-        "hits per repeated req | RSS MiB before->after: gateway / vision / LLM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *(format_row(r) for r in rows),
+        *markdown_table(["clients", "requests", "answered req/s", "TTFT p50 ms", "p95 ms", "p99 ms",
+                         "p50 new / repeated image ms", "errors", "refused (4xx)", "hits per repeated req",
+                         "RSS MiB before->after: gateway / vision / LLM"], (row_cells(r) for r in rows)),
         "",
         "- throughput vs 1 client: " + ", ".join(f"{r['clients']} clients x{r['rps'] / base:.2f}" for r in ladder),
         f"- worst p99 TTFT: {max(r['p99'] for r in rows) * 1000:.0f} ms ({max(rows, key=lambda r: r['p99'])['clients']}"
@@ -203,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows, start_rss, end_rss = run(args)
     text = report(args, rows, start_rss, end_rss, time.perf_counter() - started)
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as results:
-            results.write(text)
-        print(f"appended to {RESULTS}")
+    publish(text, append=not args.no_append)
     bad = sum(r["errors"] for r in rows) > 0 or any(
         (end_rss[n] - start_rss[n]) / MIB > args.rss_bound_mib for n in start_rss)
     return 1 if bad else 0

@@ -13,20 +13,15 @@ Appends a section to bench/RESULTS.md unless --no-append.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from benchlib import load_average, machine_line, markdown_table, publish, table_row, utc_now, versions
 from ivl_tiny import TinySpec, write_tiny_checkpoint
 from ivl_vision.checkpoint import build_random_encoder, load_vision_encoder
 from ivl_vision.checkpoint_config import synthetic_config
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def tiles_per_second(encoder, batch: int, repeats: int) -> float:
@@ -45,7 +40,7 @@ def main() -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    load_at_start = os.getloadavg()[0]
+    load_at_start = load_average()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = write_tiny_checkpoint(Path(scratch) / "tiny", TinySpec(), layout="original")
@@ -54,32 +49,28 @@ def main() -> int:
         load_s = time.perf_counter() - started
         for batch in (1, 8):
             rate = tiles_per_second(tiny, batch, repeats=5)
-            rows.append(f"| tiny checkpoint (hidden 32, 2 layers), load {load_s * 1000:.0f} ms | {batch} | {rate:.1f} | "
-                        f"{1000 / rate:.1f} |")
-            print(rows[-1], flush=True)
+            rows.append((f"tiny checkpoint (hidden 32, 2 layers), load {load_s * 1000:.0f} ms", batch, f"{rate:.1f}",
+                         f"{1000 / rate:.1f}"))
+            print(table_row(rows[-1]), flush=True)
     started = time.perf_counter()
     big = build_random_encoder(synthetic_config(1024, 24, 16, 4096, 2048, "300m"))
     build_s = time.perf_counter() - started
     rate = tiles_per_second(big, 1, repeats=args.tiles_300m)
-    rows.append(f"| InternViT-300M + mlp1 -> 2048, random weights (built in {build_s:.1f} s) | 1 | {rate:.3f} | "
-                f"{1000 / rate:.0f} |")
-    print(rows[-1], flush=True)
+    rows.append((f"InternViT-300M + mlp1 -> 2048, random weights (built in {build_s:.1f} s)", 1, f"{rate:.3f}",
+                 f"{1000 / rate:.0f}"))
+    print(table_row(rows[-1]), flush=True)
     section = "\n".join([
-        f"## Vision encoder on CPU, fp32 ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
         "",
-        f"`bench/bench_encoder_cpu.py`: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}, transformers {transformers.__version__}; encode() of 448 px "
-        f"tiles; 1-min load average {load_at_start:.1f} at start (the CPU is shared with other jobs: indicative).",
+        f"## Vision encoder on CPU, fp32 ({utc_now()})",
         "",
-        "| encoder | batch | tiles/s | ms / tile |",
-        "|---|---|---|---|",
-        *rows,
+        f"`bench/bench_encoder_cpu.py`: {machine_line(load_at_start)} (the CPU is shared with other jobs: "
+        f"indicative); {torch.get_num_threads()} torch threads, {versions('torch', 'transformers')}; encode() of "
+        "448 px tiles.",
+        "",
+        *markdown_table(["encoder", "batch", "tiles/s", "ms / tile"], rows),
         "",
     ])
-    print(section)
-    if not args.no_append:
-        with RESULTS.open("a") as handle:
-            handle.write("\n" + section)
+    publish(section, append=not args.no_append)
     return 0
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import io
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from benchlib import add_paths, command_line, cpu_model, markdown_table, publish, utc_now, versions
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_proto.grpc_runtime import message_size_options
@@ -40,11 +39,9 @@ from ivl_tiny import write_tiny_checkpoint
 from ivl_tiny.spec import spec_from_preset
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+add_paths("tests")
 from support.stack import running_stack  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 HEADING = "## Gateway: embedding cache, TTFT and a 5-turn chat vs transformers all-in-one (bench/bench_gateway.py)"
 QUESTIONS = [
     "What is in this image?",
@@ -175,16 +172,9 @@ def allinone_side(model_path: Path, image_bytes: bytes, args: argparse.Namespace
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor() or "unknown CPU"
     redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
-    import transformers
-
-    return (f"{cpu}, {torch.get_num_threads()} torch threads; Python {platform.python_version()}, torch "
-            f"{torch.__version__}, transformers {transformers.__version__}, grpcio {grpc.__version__}, redis {redis}")
+    return (f"{cpu_model()}, {torch.get_num_threads()} torch threads; "
+            f"{versions('torch', 'transformers', 'grpc')}, redis {redis}")
 
 
 def report(args: argparse.Namespace, gw: dict, aio: dict, spec_text: str, elapsed: float) -> str:
@@ -194,24 +184,23 @@ def report(args: argparse.Namespace, gw: dict, aio: dict, spec_text: str, elapse
     hits = [t["hits"] for t in gw["turns"]]
     lines = [
         "", HEADING, "",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}",
+        f"- date: {utc_now()}; machine: {machine()}",
         f"- model: {spec_text}; image {args.width}x{args.height} JPEG, max_tiles {args.max_tiles} + thumbnail "
         f"= {gw['turns'][0]['tiles']} tiles; {args.new_tokens} new tokens per turn, greedy, fp32 CPU",
-        f"- command: `.venv/bin/python bench/bench_gateway.py {' '.join(args.argv)}` ({elapsed:.0f} s)",
+        f"- command: {command_line('bench_gateway.py', args.argv)} ({elapsed:.0f} s)",
         "",
-        "| measurement | value |",
-        "|---|---|",
-        f"| TTFT, new image (encode + prefill), median of {args.repeats} | {new * 1000:.0f} ms |",
-        f"| TTFT, same image again (cache hit) | {hit * 1000:.0f} ms |",
-        f"| TTFT ratio new / cached | **{new / hit:.1f}x** |",
-        f"| {args.turns}-turn chat through the gateway (total) | {gw['chat_total']:.2f} s ({per_turn_gw}) |",
-        f"| {args.turns}-turn chat, transformers all-in-one (re-encodes every turn) | "
-        f"{aio['chat_total']:.2f} s ({per_turn_aio}) |",
-        f"| of which vision work (all-in-one: vision tower + projector; gateway: cache + encode) | "
-        f"{aio['vision_s']:.2f} s / "
-        f"{sum(t['vision_s'] for t in gw['turns']):.2f} s |",
-        f"| all-in-one / gateway | **{aio['chat_total'] / gw['chat_total']:.2f}x** |",
-        f"| gateway cache hits per turn | {hits} |",
+        *markdown_table(["measurement", "value"], [
+            (f"TTFT, new image (encode + prefill), median of {args.repeats}", f"{new * 1000:.0f} ms"),
+            ("TTFT, same image again (cache hit)", f"{hit * 1000:.0f} ms"),
+            ("TTFT ratio new / cached", f"**{new / hit:.1f}x**"),
+            (f"{args.turns}-turn chat through the gateway (total)", f"{gw['chat_total']:.2f} s ({per_turn_gw})"),
+            (f"{args.turns}-turn chat, transformers all-in-one (re-encodes every turn)",
+             f"{aio['chat_total']:.2f} s ({per_turn_aio})"),
+            ("of which vision work (all-in-one: vision tower + projector; gateway: cache + encode)",
+             f"{aio['vision_s']:.2f} s / {sum(t['vision_s'] for t in gw['turns']):.2f} s"),
+            ("all-in-one / gateway", f"**{aio['chat_total'] / gw['chat_total']:.2f}x**"),
+            ("gateway cache hits per turn", hits),
+        ]),
         "",
     ]
     return "\n".join(lines)
@@ -255,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             gw = asyncio.run(gateway_side(stack.grpc_address, args))
         aio = allinone_side(model_path, gw["image"], args)
     table = report(args, gw, aio, spec_text, time.perf_counter() - started)
-    print(table)
-    if not args.no_append:
-        with RESULTS.open("a") as results:
-            results.write(table)
-        print(f"appended to {RESULTS}")
+    publish(table, append=not args.no_append)
     return 0
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import os
-import platform
 import statistics
 import threading
 import time
@@ -29,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-import transformers
+from benchlib import machine_line, markdown_table, publish, utc_now, versions
 from ivl_llm.prompt import ImageEmbedding
 from ivl_llm.sampling import Sampling
 from ivl_llm.server import LLMServer, build_server
@@ -41,7 +38,6 @@ from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.tensor_codec import tensor_to_pb
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 QUESTION = "<image>\nDescribe the image in detail."
 MODELS = {"tiny": ("tiny", 32, 30), "qwen2-0.5b": ("qwen2-0.5b", 16, 5)}  # preset, new tokens, repeats
 
@@ -172,26 +168,13 @@ def median(runs: list[Run], field: str) -> float:
 
 
 def table(results: list[dict[str, Any]], threads: int) -> str:
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0]
-    lines = [
-        f"\n## LLM service, transformers backend on CPU, fp32 ({now})\n",
-        f"`bench/bench_llm.py`: {platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; greedy, one image (256 embedding "
-        f"rows) + a short question; medians of the repeats, in-process and gRPC alternated on the same loaded "
-        f"model; 1-min load average {load:.1f} at the end (the CPU is shared with other jobs: wall times are "
-        f"indicative, CPU time (all threads of the process) is the steadier measure of the hop's cost).\n",
-        "| model | prompt tok | new tok | path | TTFT ms | decode tok/s | total s | CPU s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    overhead = []
+    rows, overhead = [], []
     for result in results:
         for path, runs in result["runs"].items():
-            lines.append(
-                f"| {result['name']} (hidden {result['hidden']}, load {result['load_s']:.1f} s) | "
-                f"{result['prompt_tokens']} | {result['new_tokens']} | {path} | {median(runs, 'ttft_s') * 1000:.0f} | "
-                f"{median(runs, 'decode_tps'):.1f} | {median(runs, 'total_s'):.2f} | {median(runs, 'cpu_s'):.2f} |"
-            )
+            rows.append((f"{result['name']} (hidden {result['hidden']}, load {result['load_s']:.1f} s)",
+                         result["prompt_tokens"], result["new_tokens"], path, f"{median(runs, 'ttft_s') * 1000:.0f}",
+                         f"{median(runs, 'decode_tps'):.1f}", f"{median(runs, 'total_s'):.2f}",
+                         f"{median(runs, 'cpu_s'):.2f}"))
         local, remote = result["runs"]["in-process"], result["runs"]["gRPC"]
         pairs = list(zip(local, remote, strict=True))
         ttft_ms = statistics.median(r.ttft_s - lo.ttft_s for lo, r in pairs) * 1000
@@ -205,7 +188,15 @@ def table(results: list[dict[str, Any]], threads: int) -> str:
             f"wall {ratio:.3f}, CPU {cpu_ratio:.3f}; building + serializing + parsing the request with its "
             f"{result['embedding_kib']:.0f} KiB embedding takes {result['codec_ms']:.2f} ms"
         )
-    return "\n".join([*lines, "", *overhead, ""])
+    return "\n".join([
+        f"\n## LLM service, transformers backend on CPU, fp32 ({utc_now()})\n",
+        f"`bench/bench_llm.py`: {machine_line()} (the CPU is shared with other jobs: wall times are indicative, "
+        f"CPU time (all threads of the process) is the steadier measure of the hop's cost); {threads} torch "
+        f"threads, {versions('torch', 'transformers')}; greedy, one image (256 embedding rows) + a short question; "
+        f"medians of the repeats, in-process and gRPC alternated on the same loaded model.\n",
+        *markdown_table(["model", "prompt tok", "new tok", "path", "TTFT ms", "decode tok/s", "total s", "CPU s"], rows),
+        "", *overhead, "",
+    ])
 
 
 def main() -> None:
@@ -222,12 +213,7 @@ def main() -> None:
         folder = checkpoint(args.cache_dir, preset)
         results.append(bench_model(name, folder, new_tokens, repeats, args.threads))
         print(f"done {name}")
-    text = table(results, args.threads)
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as out:
-            out.write(text)
-        print(f"appended to {RESULTS}")
+    publish(table(results, args.threads), append=not args.no_append)
 
 
 if __name__ == "__main__":

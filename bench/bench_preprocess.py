@@ -22,30 +22,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import io
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
 import transformers
+from benchlib import (
+    add_paths,
+    command_line,
+    load_average,
+    machine_line,
+    markdown_table,
+    publish,
+    utc_now,
+    versions,
+)
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor
 from ivl_vision.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, plan_tiles
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vision"))
-from reference_tiling import reference_pixels
+add_paths("tests/vision")
+from reference_tiling import reference_pixels  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## Image preprocessing: ours vs reference vs GotOcr2 (bench/bench_preprocess.py)"
 
 
@@ -156,18 +159,6 @@ def pool_throughput(data: bytes, config: TilingConfig, workers: int, count: int)
     return asyncio.run(run())
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(
-            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-            "?",
-        )
-    except OSError:
-        model = platform.processor() or "?"
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tiles", type=lambda s: [int(x) for x in s.split(",")], default=[6, 12, 40])
@@ -187,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     images = {
         "photo 3840x2160 JPEG": photo_jpeg(),
         "screenshot 1920x1080 PNG": screenshot_png(),
@@ -214,54 +205,44 @@ def main(argv: list[str] | None = None) -> int:
                 two = pool_throughput(data, config, 2, 8)
                 pool_rows.append((name, one, two))
                 print(pool_rows[-1], flush=True)
-    load = [load_start, os.getloadavg()[0]]
-    table = report(rows, pool_rows, args, time.perf_counter() - started, load)
-    print(table)
-    if not args.no_append:
-        with RESULTS.open("a") as results:
-            results.write(table)
-        print(f"appended to {RESULTS}")
+    table = report(rows, pool_rows, args, time.perf_counter() - started, load_start)
+    publish(table, append=not args.no_append)
     return 0
 
 
-def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float, load: list[float]) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float, load_start: float) -> str:
     lines = [
         "",
         HEADING,
         "",
-        f"- {now}; {machine()}; load average at start/end {load[0]:.1f}/{load[1]:.1f}; "
-        f"Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, "
-        f"torch {torch.__version__} (1 thread), transformers {transformers.__version__}",
-        f"- command: `.venv/bin/python bench/bench_preprocess.py {' '.join(args.argv)}`".rstrip()
-        + f" ({elapsed:.0f} s)",
+        f"- {utc_now()}; {machine_line(load_start)}; {versions('numpy', 'PIL', 'torch', 'transformers')} "
+        "(torch on 1 thread)",
+        f"- command: {command_line('bench_preprocess.py', args.argv)} ({elapsed:.0f} s)",
         "- from encoded bytes to float32 tiles; methods interleaved, medians. images/s per core = 1 / thread CPU "
         "seconds per image (robust to other load on a shared machine); `x ref` = reference time / ours time "
         "(cpu and wall); `= ref`: ours np.array_equal the reference; `GotOcr2 diff`: max |GotOcr2 - ours| "
         "(nan: different tile count)",
         "",
-        "| image | max_tiles | tiles | ours | reference | GotOcr2 (PIL) | floor (decode+resize) | ours x ref (cpu) "
-        "| ours x ref (wall) | GotOcr2 x ref | = ref | GotOcr2 diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for name, max_tiles, tiles, s, equal, got_diff in rows:
         cpu = {method: value[0] for method, value in s.items()}
-        lines.append(
-            f"| {name} | {max_tiles} | {tiles} | {1 / cpu['ours']:.2f} | {1 / cpu['reference']:.2f} | "
-            f"{1 / cpu['GotOcr2']:.2f} | {1 / cpu['floor']:.2f} | {cpu['reference'] / cpu['ours']:.2f} | "
-            f"{s['reference'][1] / s['ours'][1]:.2f} | {cpu['reference'] / cpu['GotOcr2']:.2f} | "
-            f"{'yes' if equal else 'NO'} | {got_diff:.2g} |"
-        )
+        cells.append((name, max_tiles, tiles, f"{1 / cpu['ours']:.2f}", f"{1 / cpu['reference']:.2f}",
+                      f"{1 / cpu['GotOcr2']:.2f}", f"{1 / cpu['floor']:.2f}", f"{cpu['reference'] / cpu['ours']:.2f}",
+                      f"{s['reference'][1] / s['ours'][1]:.2f}", f"{cpu['reference'] / cpu['GotOcr2']:.2f}",
+                      "yes" if equal else "NO", f"{got_diff:.2g}"))
+    lines += markdown_table(["image", "max_tiles", "tiles", "ours", "reference", "GotOcr2 (PIL)",
+                             "floor (decode+resize)", "ours x ref (cpu)", "ours x ref (wall)", "GotOcr2 x ref",
+                             "= ref", "GotOcr2 diff"], cells)
     if pool_rows:
         lines += [
             "",
             "Thread pool (Preprocessor.preprocess_async, 8 images at max_tiles 12 in flight), wall images/s "
             "(meaningful only on an otherwise idle machine with 2+ free cores):",
             "",
-            "| image | 1 worker | 2 workers | speed-up |",
-            "|---|---|---|---|",
+            *markdown_table(["image", "1 worker", "2 workers", "speed-up"],
+                            ((name, f"{one:.2f}", f"{two:.2f}", f"{two / one:.2f}") for name, one, two in pool_rows)),
         ]
-        lines += [f"| {name} | {one:.2f} | {two:.2f} | {two / one:.2f} |" for name, one, two in pool_rows]
     return "\n".join(lines) + "\n"
 
 

@@ -18,24 +18,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from bench_concurrency import machine, write_checkpoint
+from benchlib import MIB, add_paths, command_line, markdown_table, publish, utc_now
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_concurrency import machine, write_checkpoint  # noqa: E402
-from support.load_client import ChatOutcome, chat_body, percentile, stream_chat, unique_png  # noqa: E402
+add_paths("tests")
+from support.load_client import (  # noqa: E402
+    ChatOutcome,
+    chat_body,
+    percentile,
+    split_outcomes,
+    stream_chat,
+    unique_png,
+)
 from support.service_processes import ProcessBackend  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 HEADING = "## Soak through the gateway (bench/bench_soak.py)"
-MIB = 2**20
 
 
 async def soak(backend: ProcessBackend, args: argparse.Namespace) -> tuple[list[ChatOutcome], list[dict]]:
@@ -71,29 +74,26 @@ async def soak(backend: ProcessBackend, args: argparse.Namespace) -> tuple[list[
 
 def report(args: argparse.Namespace, outcomes: list[ChatOutcome], samples: list[dict], alive: bool,
            elapsed: float) -> tuple[str, bool]:
-    answered = [o for o in outcomes if o.ok]
-    refused = [o for o in outcomes if not o.ok and o.refused_clearly and o.status >= 400]
-    errors = [o for o in outcomes if not o.ok and o not in refused]
+    answered, refused, errors = split_outcomes(outcomes)
     ttfts = [o.ttft_s for o in answered if o.ttft_s is not None]
     base = samples[1] if len(samples) > 2 else samples[0]
     growth = {n: (samples[-1][n] - base[n]) / MIB for n in ("gateway", "vision", "llm")}
     ok = not errors and alive and all(g <= args.rss_bound_mib for g in growth.values())
     lines = [
         "", HEADING, "",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}",
+        f"- date: {utc_now()}; machine: {machine()}",
         f"- {args.clients} clients for {args.duration_s:.0f} s, ivl_tiny preset `{args.preset}`, one process per "
         f"service; mix 1/3 new image, 1/3 repeated image, 1/3 text; {args.max_tokens} new tokens",
-        f"- command: `.venv/bin/python bench/bench_soak.py {' '.join(args.argv)}` ({elapsed:.0f} s)",
+        f"- command: {command_line('bench_soak.py', args.argv)} ({elapsed:.0f} s)",
         f"- requests: {len(outcomes)} ({len(answered) / args.duration_s:.2f} answered/s), answered "
         f"{len(answered)}, refused with a clear status {len(refused)}, errors {len(errors)}"
         + (f" e.g. {[(o.status, o.error_code, o.error_message[:100]) for o in errors[:3]]}" if errors else ""),
         f"- TTFT p50 / p95 / p99: {percentile(ttfts, 50) * 1000:.0f} / {percentile(ttfts, 95) * 1000:.0f} / "
         f"{percentile(ttfts, 99) * 1000:.0f} ms" if ttfts else "- TTFT: no answered request",
         "",
-        "| t s | requests done | gateway RSS MiB | vision RSS MiB | LLM RSS MiB |",
-        "|---|---|---|---|---|",
-        *(f"| {s['t']:.0f} | {s['requests']} | {s['gateway'] / MIB:.1f} | {s['vision'] / MIB:.1f} | "
-          f"{s['llm'] / MIB:.1f} |" for s in samples),
+        *markdown_table(["t s", "requests done", "gateway RSS MiB", "vision RSS MiB", "LLM RSS MiB"],
+                        ([f"{s['t']:.0f}", s["requests"], *(f"{s[n] / MIB:.1f}" for n in ("gateway", "vision", "llm"))]
+                         for s in samples)),
         "",
         f"- RSS growth from t={base['t']:.0f} s to the end (bound {args.rss_bound_mib} MiB each): "
         + ", ".join(f"{n} {g:+.1f} MiB" for n, g in growth.items()),
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             backend.stop()
     text, ok = report(args, outcomes, samples, alive, time.perf_counter() - started)
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as results:
-            results.write(text)
-        print(f"appended to {RESULTS}")
+    publish(text, append=not args.no_append)
     return 0 if ok else 1
 
 

@@ -8,25 +8,18 @@ Run: .venv/bin/python bench/bench_stack_startup.py [--runs 2]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from benchlib import add_paths, load_average, machine_line, markdown_table, publish, utc_now, versions
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+add_paths("tests")
+from support.redis_server import free_port  # noqa: E402
 
 
 def one_run(cache_dir: Path, workdir: Path) -> tuple[float, float, float]:
@@ -53,31 +46,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=2, help="warm runs after the cold one")
     args = parser.parse_args()
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         rows.append(("cold: writes the tiny checkpoint", *one_run(cache, Path(tmp))))
         for i in range(args.runs):
             rows.append((f"warm {i + 1}: checkpoint cached", *one_run(cache, Path(tmp))))
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "",
-        f"## Stack start-up: command to ready UI ({stamp})",
+        f"## Stack start-up: command to ready UI ({utc_now()})",
         "",
-        f"`bench/bench_stack_startup.py`: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; `python -m ivl_stack` (redis + vision + LLM + gateway + Gradio UI) on the "
-        f"tiny demo checkpoint, free ports, then SIGINT; 1-min load average {load_start:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end (shared CPU: indicative).",
+        f"`bench/bench_stack_startup.py`: {machine_line(load_start)} (shared CPU: indicative); {versions()}; "
+        "`python -m ivl_stack` (redis + vision + LLM + gateway + Gradio UI) on the tiny demo checkpoint, free "
+        "ports, then SIGINT.",
         "",
-        "| run | command to ready file (s) | launcher's ready_s | SIGINT to exit, all children gone (s) |",
-        "|---|---|---|---|",
-        *[f"| {name} | {a:.1f} | {b:.1f} | {c:.1f} |" for name, a, b, c in rows],
+        *markdown_table(["run", "command to ready file (s)", "launcher's ready_s",
+                         "SIGINT to exit, all children gone (s)"],
+                        ((name, f"{a:.1f}", f"{b:.1f}", f"{c:.1f}") for name, a, b, c in rows)),
         "",
     ]
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines))
-    print("\n".join(lines))
+    publish("\n".join(lines), append=True)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import io
 import os
-import platform
-import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,14 +27,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from benchlib import RESULTS, add_paths, command_line, cpu_model, markdown_table, publish, utc_now, versions
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 from ivl_tiny import TinySpec, write_tiny_checkpoint
 from PIL import Image
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+add_paths("tests")
+from support.redis_server import free_port  # noqa: E402
+from support.service_processes import ServiceProcess  # noqa: E402
+
 HEADING = "## Vision encoder: dynamic batching on vs off (bench/bench_vision_batching.py)"
 MIXED_SIZES = ((640, 480), (300, 900), (1024, 1024), (800, 200), (96, 96), (1280, 720))
 
@@ -98,9 +97,10 @@ async def drive(address: str, requests: list[vision_pb2.EncodeImagesRequest], cl
 MODES = ("off", "on, wait 0", "on, wait N")
 
 
-def mode_env(model: Path, mode: str, args: argparse.Namespace) -> dict[str, str]:
+def vision_process(model: Path, mode: str, args: argparse.Namespace) -> ServiceProcess:
+    """`python -m ivl_vision` in a child process, as users run it, configured for one batching mode."""
     env = {
-        "IVL_VISION_MODEL_PATH": str(model), "IVL_VISION_PORT": "0", "IVL_VISION_DEVICE": args.device,
+        "IVL_VISION_MODEL_PATH": str(model), "IVL_VISION_DEVICE": args.device,
         "IVL_VISION_DTYPE": args.dtype, "IVL_VISION_BATCHING": "false" if mode == "off" else "true",
         "IVL_VISION_MAX_BATCH_TILES": str(args.max_batch_tiles),
         "IVL_VISION_BATCH_WAIT_MS": str(args.wait_ms if mode == "on, wait N" else 0.0),
@@ -108,70 +108,32 @@ def mode_env(model: Path, mode: str, args: argparse.Namespace) -> dict[str, str]
     }
     if args.threads:
         env["IVL_VISION_TORCH_THREADS"] = str(args.threads)
-    return {**os.environ, **env}
+    port = free_port()
+    return ServiceProcess(f"vision ({mode})", "ivl_vision", {**env, "IVL_VISION_PORT": str(port)}, port)
 
 
-class ServerProcess:
-    """`python -m ivl_vision` in a child process, as users run it; the port is read from its log."""
-
-    def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
-        self.process, self.address = process, address
-        self._drain = asyncio.create_task(self._drain_log())
-
-    @classmethod
-    async def start(cls, env: dict[str, str]) -> ServerProcess:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ivl_vision", env=env, stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        assert process.stderr is not None
-        while line := (await process.stderr.readline()).decode():
-            if found := re.search(r"listening on (\S+:\d+)", line):
-                return cls(process, found.group(1))
-        raise RuntimeError(f"the vision server exited with {await process.wait()} before listening")
-
-    async def _drain_log(self) -> None:
-        assert self.process.stderr is not None
-        while await self.process.stderr.readline():
-            pass
-
-    async def wait_serving(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"{self.address} not SERVING after {timeout_s} s")
-
-    async def batching(self) -> vision_pb2.BatchingStats:
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            return (await vision_pb2_grpc.VisionEncoderStub(channel).Info(vision_pb2.InfoRequest())).batching
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 60)
-        await self._drain
+async def batching_stats(address: str) -> vision_pb2.BatchingStats:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return (await vision_pb2_grpc.VisionEncoderStub(channel).Info(vision_pb2.InfoRequest())).batching
 
 
 async def measure(model: Path, args: argparse.Namespace) -> dict[tuple[str, int, str], Outcome]:
     """One server process per mode, all loaded at once; every cell runs the modes back to back."""
-    servers = {mode: await ServerProcess.start(mode_env(model, mode, args)) for mode in MODES}
+    servers = {mode: vision_process(model, mode, args) for mode in MODES}
     results: dict[tuple[str, int, str], Outcome] = {}
     try:
         for server in servers.values():
-            await server.wait_serving(600)
+            server.start()
+        for server in servers.values():
+            await asyncio.to_thread(server.wait_serving, 600)
         for name, requests in workloads().items():
             for clients in args.levels:
                 total = max(args.min_requests, clients * args.rounds)
                 for _ in range(args.repeats):  # modes interleaved; the best run of each is kept
                     for mode in MODES:
-                        before = await servers[mode].batching()
+                        before = await batching_stats(servers[mode].address)
                         seconds, tiles, latencies = await drive(servers[mode].address, requests, clients, total)
-                        after = await servers[mode].batching()
+                        after = await batching_stats(servers[mode].address)
                         avg_batch = (after.tiles_encoded - before.tiles_encoded) / max(after.forwards - before.forwards, 1)
                         outcome = Outcome(tiles / seconds, statistics.median(latencies) * 1000, avg_batch)
                         print(f"{name:7s} clients={clients:2d} batching {mode:10s}: {outcome.tiles_per_s:7.2f} tiles/s, "
@@ -181,19 +143,18 @@ async def measure(model: Path, args: argparse.Namespace) -> dict[tuple[str, int,
                             results[(name, clients, mode)] = outcome
     finally:
         for server in servers.values():
-            await server.stop()
+            server.stop()
     return results
 
 
 def report(spec: TinySpec, args: argparse.Namespace, results: dict, seconds: float) -> str:
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     lines = [
         "",
         HEADING,
         "",
-        f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {device}, "
-        f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), grpcio {grpc.__version__}, "
-        f"Python {platform.python_version()}",
+        f"- {utc_now()}, {device}, {args.threads or torch.get_num_threads()} torch threads, "
+        f"{versions('torch', 'grpc')}",
         f"- encoder: random InternViT ({spec.vision}) hidden {spec.vision_hidden}, {spec.vision_layers} layers, "
         f"{spec.vision_heads} heads, MLP {spec.vision_intermediate}, {spec.image_size} px tiles, "
         f"{spec.tokens_per_tile} tokens/tile, LLM hidden {spec.llm_hidden}; {args.dtype} on {args.device}",
@@ -204,21 +165,19 @@ def report(spec: TinySpec, args: argparse.Namespace, results: dict, seconds: flo
         f"- each cell: max({args.min_requests}, clients x {args.rounds}) EncodeImages calls over one channel; "
         f"1-tile = 64x64 PNG at max_tiles 1, mixed = 6 sizes at max_tiles 6 (1-7 tiles); best of {args.repeats} "
         f"interleaved runs per cell (the CPUs are shared); run took {seconds:.0f} s",
-        f"- command: `.venv/bin/python bench/bench_vision_batching.py {' '.join(args.argv)}`".rstrip(),
+        f"- command: {command_line('bench_vision_batching.py', args.argv)}",
         "",
-        "| workload | clients | off tiles/s | on (wait 0) tiles/s | on (wait N) tiles/s | best on/off "
-        "| off p50 ms | wait 0 p50 ms | wait N p50 ms | avg batch (wait 0 / N) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    cells = sorted({(name, clients) for name, clients, _ in results}, key=lambda c: (c[0], c[1]))
-    for name, clients in cells:
+    rows = []
+    for name, clients in sorted({(name, clients) for name, clients, _ in results}):
         off, zero, wait = (results[(name, clients, mode)] for mode in MODES)
         best = max(zero.tiles_per_s, wait.tiles_per_s) / off.tiles_per_s
-        lines.append(
-            f"| {name} | {clients} | {off.tiles_per_s:.2f} | {zero.tiles_per_s:.2f} | {wait.tiles_per_s:.2f} "
-            f"| {best:.2f}x | {off.p50_ms:.0f} | {zero.p50_ms:.0f} | {wait.p50_ms:.0f} "
-            f"| {zero.avg_batch:.1f} / {wait.avg_batch:.1f} |"
-        )
+        rows.append((name, clients, f"{off.tiles_per_s:.2f}", f"{zero.tiles_per_s:.2f}", f"{wait.tiles_per_s:.2f}",
+                     f"{best:.2f}x", f"{off.p50_ms:.0f}", f"{zero.p50_ms:.0f}", f"{wait.p50_ms:.0f}",
+                     f"{zero.avg_batch:.1f} / {wait.avg_batch:.1f}"))
+    lines += markdown_table(["workload", "clients", "off tiles/s", "on (wait 0) tiles/s", "on (wait N) tiles/s",
+                             "best on/off", "off p50 ms", "wait 0 p50 ms", "wait N p50 ms",
+                             "avg batch (wait 0 / N)"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -258,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         model = write_tiny_checkpoint(Path(tmp) / "ckpt", spec)
         results = asyncio.run(measure(model, args))
     table = report(spec, args, results, time.perf_counter() - started)
-    print(table)
-    if not args.no_append:
-        with args.results.open("a") as results:
-            results.write(table)
-        print(f"appended to {args.results}")
+    publish(table, append=not args.no_append, path=args.results)
     return 0
 
 

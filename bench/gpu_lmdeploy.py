@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -30,14 +29,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-for extra in ("services/llm", "proto", "tools/tiny_checkpoint"):
-    if str(ROOT / extra) not in sys.path:
-        sys.path.insert(0, str(ROOT / extra))
+from benchlib import add_paths, versions
 
+add_paths("services/llm", "proto", "tools/tiny_checkpoint")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from ivl_llm.backends.hf import TransformersBackend  # noqa: E402
 from ivl_llm.checkpoint import load_tokenizer, read_checkpoint  # noqa: E402
 from ivl_llm.prompt import ImageEmbedding, PromptBuilder  # noqa: E402
@@ -113,7 +109,7 @@ async def main_async(device: str) -> list[str]:
     lines = [
         "## LLM service on GPU (bench/gpu_lmdeploy.py)",
         "",
-        f"{platform.node()} {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{platform.node()} {platform.machine()}, {versions('torch', 'transformers')}, "
         f"device {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}",
         "",
     ]

@@ -21,22 +21,16 @@ writes it to $OUT/gpu_vision.md when OUT is set.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for extra in ("services/vision_encoder", "proto", "tools/tiny_checkpoint"):
-    if str(ROOT / extra) not in sys.path:
-        sys.path.insert(0, str(ROOT / extra))
+from benchlib import add_paths, cpu_model, utc_now, versions
 
+add_paths("services/vision_encoder", "proto", "tools/tiny_checkpoint")
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from ivl_vision.checkpoint import build_random_encoder, load_vision_encoder  # noqa: E402
 from ivl_vision.checkpoint_config import VisionCheckpointConfig, synthetic_config  # noqa: E402
 
@@ -220,7 +214,7 @@ def main() -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu --quick for a smoke test")
         return 2
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_model()
     peak = peak_tflops(name) if device.startswith("cuda") and dtype != torch.float32 else None
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks compare against the CPU
@@ -228,10 +222,9 @@ def main() -> int:
     models = QUICK_MODELS if args.quick else MODELS
     batches = (1, 2, 4) if args.quick else BATCHES
     header = [
-        f"## GPU vision encoder ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
+        f"## GPU vision encoder ({utc_now()})",
         "",
-        f"device: {name}; torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"python {platform.python_version()}; dtype {args.dtype}; attention sdpa; random weights; "
+        f"device: {name}; {versions('torch', 'transformers')}; dtype {args.dtype}; attention sdpa; random weights; "
         f"dense peak used: {f'{peak:.0f} TFLOP/s' if peak else 'n/a'}",
         "",
     ]

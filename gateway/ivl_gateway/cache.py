@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -114,19 +114,25 @@ class EmbeddingCache:
                 found.append(None)
         return found
 
-    async def put_many(self, items: list[tuple[str, ImageEmbedding]]) -> None:
-        if not items or self._redis is None:
+    async def _set_many(self, entries: Iterable[tuple[str, bytes]]) -> None:
+        """SET every (key, value) with the cache TTL in one pipeline. `entries` is consumed lazily, inside the
+        call: nothing is encoded while Redis is being skipped."""
+        if self._redis is None:
             return
         redis = self._redis
         ttl = self._settings.cache_ttl_s
 
         async def store() -> None:
             async with redis.pipeline(transaction=False) as pipe:
-                for key, embedding in items:
-                    pipe.set(key, encode_entry(key, embedding), ex=ttl)
+                for key, value in entries:
+                    pipe.set(key, value, ex=ttl)
                 await pipe.execute()
 
         await self._call("put", store)
+
+    async def put_many(self, items: list[tuple[str, ImageEmbedding]]) -> None:
+        if items:
+            await self._set_many((key, encode_entry(key, embedding)) for key, embedding in items)
 
     async def remembered_tiling(self, fingerprint: str, digests: list[str]) -> list[TilingChoice | None]:
         """The tiling each image was last encoded with (for earlier turns' images)."""
@@ -140,18 +146,9 @@ class EmbeddingCache:
         return [_parse_tiling(v) for v in values]
 
     async def remember_tiling(self, fingerprint: str, items: list[tuple[str, TilingChoice]]) -> None:
-        if not items or self._redis is None:
-            return
-        redis = self._redis
-        ttl = self._settings.cache_ttl_s
-
-        async def store() -> None:
-            async with redis.pipeline(transaction=False) as pipe:
-                for digest, tiling in items:
-                    pipe.set(self._tiling_key(fingerprint, digest), tiling.tag().encode(), ex=ttl)
-                await pipe.execute()
-
-        await self._call("put", store)
+        if items:
+            await self._set_many((self._tiling_key(fingerprint, digest), tiling.tag().encode())
+                                 for digest, tiling in items)
 
     async def ping(self) -> bool:
         if self._redis is None:

@@ -12,41 +12,14 @@ import grpc
 from ivl_proto.errors import from_grpc_error
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 
-from ivl_gateway.replicas import Replica, ReplicaPool, call_unary, no_replica_error
+from ivl_gateway.replicas import no_replica_error
+from ivl_gateway.service_client import ServiceClient
 from ivl_gateway.settings import GatewaySettings
 
 
-class LLMClient:
+class LLMClient(ServiceClient[llm_pb2.InfoResponse]):
     def __init__(self, settings: GatewaySettings) -> None:
-        self._settings = settings
-        self.pool = ReplicaPool(
-            "LLM",
-            settings.llm_addresses,
-            llm_pb2_grpc.LanguageModelStub,
-            health_interval_s=settings.health_interval_s,
-            backoff_s=settings.replica_backoff_s,
-            dns_refresh_s=settings.dns_refresh_s,
-            max_message_bytes=settings.max_message_bytes,
-            on_change=self._refresh_replica_info,
-        )
-        self._info: llm_pb2.InfoResponse | None = None
-
-    async def start(self) -> None:
-        await self.pool.start()
-
-    async def close(self) -> None:
-        await self.pool.close()
-
-    async def _refresh_replica_info(self, replica: Replica) -> None:
-        replica.info = await replica.stub.Info(llm_pb2.InfoRequest(), timeout=self._settings.info_timeout_s)
-        self._info = replica.info
-
-    async def info(self, refresh: bool = False) -> llm_pb2.InfoResponse:
-        if self._info is None or refresh:
-            response, replica = await call_unary(self.pool, "Info", llm_pb2.InfoRequest(), self._settings.info_timeout_s)
-            replica.info = response
-            self._info = response
-        return self._info
+        super().__init__("LLM", settings.llm_addresses, llm_pb2_grpc.LanguageModelStub, llm_pb2.InfoRequest(), settings)
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Stream from the next usable replica; moves on only if a replica fails before answering."""

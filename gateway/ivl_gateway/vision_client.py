@@ -11,7 +11,8 @@ from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice
 from ivl_gateway.metrics import GatewayMetrics
-from ivl_gateway.replicas import Replica, ReplicaPool, call_unary
+from ivl_gateway.replicas import call_unary
+from ivl_gateway.service_client import ServiceClient
 from ivl_gateway.settings import GatewaySettings
 
 
@@ -23,45 +24,11 @@ class EncodeResult:
     seconds: float
 
 
-class VisionClient:
+class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
-        self._settings = settings
+        super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub,
+                         vision_pb2.InfoRequest(), settings)
         self._metrics = metrics
-        self.pool = ReplicaPool(
-            "vision",
-            settings.vision_addresses,
-            vision_pb2_grpc.VisionEncoderStub,
-            health_interval_s=settings.health_interval_s,
-            backoff_s=settings.replica_backoff_s,
-            dns_refresh_s=settings.dns_refresh_s,
-            max_message_bytes=settings.max_message_bytes,
-            on_change=self._refresh_replica_info,
-        )
-        self._info: vision_pb2.InfoResponse | None = None
-
-    async def start(self) -> None:
-        await self.pool.start()
-
-    async def close(self) -> None:
-        await self.pool.close()
-
-    async def _refresh_replica_info(self, replica: Replica) -> None:
-        replica.info = await replica.stub.Info(vision_pb2.InfoRequest(), timeout=self._settings.info_timeout_s)
-        self._info = replica.info
-
-    async def info(self, refresh: bool = False) -> vision_pb2.InfoResponse:
-        """The vision model's Info (fingerprint, hidden size, defaults), fetched once and on recovery."""
-        if self._info is None or refresh:
-            response, replica = await call_unary(
-                self.pool, "Info", vision_pb2.InfoRequest(), self._settings.info_timeout_s
-            )
-            replica.info = response
-            self._info = response
-        return self._info
-
-    def forget_info(self) -> None:
-        """Fetch Info again next time (e.g. a replica answered with another fingerprint)."""
-        self._info = None
 
     async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:
         request = vision_pb2.PlanImagesRequest(

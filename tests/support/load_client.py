@@ -143,3 +143,11 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, int(np.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
+
+
+def split_outcomes(outcomes: list[ChatOutcome]) -> tuple[list[ChatOutcome], list[ChatOutcome], list[ChatOutcome]]:
+    """(answered, refused with a clear 4xx/5xx status, errors): every outcome lands in exactly one list."""
+    answered = [o for o in outcomes if o.ok]
+    refused = [o for o in outcomes if not o.ok and o.refused_clearly and o.status >= 400]
+    errors = [o for o in outcomes if not o.ok and not (o.refused_clearly and o.status >= 400)]
+    return answered, refused, errors

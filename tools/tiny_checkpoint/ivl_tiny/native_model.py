@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import torch
 from transformers import (
@@ -29,6 +30,23 @@ def padded_vocab_size(tokenizer_len: int, multiple: int) -> int:
     return int(math.ceil(tokenizer_len / multiple) * multiple)
 
 
+def llm_dimensions(spec: TinySpec, vocab_size: int) -> dict[str, Any]:
+    """The LLM's shape in the config keys both layouts share (LlamaConfig / Qwen2Config and the original
+    InternLM2 / Qwen2 config.json sections)."""
+    return {
+        "hidden_size": spec.llm_hidden,
+        "intermediate_size": spec.llm_intermediate,
+        "num_hidden_layers": spec.llm_layers,
+        "num_attention_heads": spec.llm_heads,
+        "num_key_value_heads": spec.llm_kv_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_theta": spec.rope_theta,
+        "vocab_size": vocab_size,
+        "hidden_act": "silu",
+    }
+
+
 def build_native_config(spec: TinySpec, ids: SpecialTokenIds, vocab_size: int) -> InternVLConfig:
     big_vision = spec.vision == "6b"
     vision = InternVLVisionConfig(
@@ -46,19 +64,7 @@ def build_native_config(spec: TinySpec, ids: SpecialTokenIds, vocab_size: int) -
         use_mean_pooling=True,  # no final norm, as in InternViT
         layer_scale_init_value=1.0,
     )
-    text_kwargs = {
-        "vocab_size": vocab_size,
-        "hidden_size": spec.llm_hidden,
-        "intermediate_size": spec.llm_intermediate,
-        "num_hidden_layers": spec.llm_layers,
-        "num_attention_heads": spec.llm_heads,
-        "num_key_value_heads": spec.llm_kv_heads,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_theta": spec.rope_theta,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-    }
+    text_kwargs = {**llm_dimensions(spec, vocab_size), "tie_word_embeddings": False}
     if spec.llm == "internlm2":
         text = LlamaConfig(
             **text_kwargs, attention_bias=False, bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.eos

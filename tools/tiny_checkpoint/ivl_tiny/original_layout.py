@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ivl_tiny.native_model import llm_dimensions
 from ivl_tiny.spec import TinySpec
 from ivl_tiny.tokenizer import SpecialTokenIds
 
@@ -124,16 +125,7 @@ def original_config(spec: TinySpec, ids: SpecialTokenIds, vocab_size: int) -> di
         "torch_dtype": spec.dtype,
     }
     common_llm = {
-        "hidden_size": spec.llm_hidden,
-        "intermediate_size": spec.llm_intermediate,
-        "num_hidden_layers": spec.llm_layers,
-        "num_attention_heads": spec.llm_heads,
-        "num_key_value_heads": spec.llm_kv_heads,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_theta": spec.rope_theta,
-        "vocab_size": vocab_size,
-        "hidden_act": "silu",
+        **llm_dimensions(spec, vocab_size),
         "initializer_range": 0.02,
         "tie_word_embeddings": False,
         "use_cache": True,
