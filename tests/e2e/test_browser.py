@@ -118,8 +118,19 @@ def _stop_a_long_reply(page, stack) -> None:
     while stack.run(_active(scheduler)) != 0:
         assert time.monotonic() < deadline, "the LLM still generates after Stop was clicked"
         time.sleep(0.05)
+    # Deltas already on their way to the browser when the slot was freed may still land: let the text
+    # settle (unchanged for 0.5 s, within 5 s), then it must not grow any more, although 2048 tokens
+    # were asked for and generation would otherwise run on for many seconds.
+    settled_by = time.monotonic() + 5
     stopped = second.inner_text()
-    time.sleep(1.0)
+    while True:
+        time.sleep(0.5)
+        now = second.inner_text()
+        if now == stopped:
+            break
+        assert time.monotonic() < settled_by, "the reply still grows 5 s after the LLM slot was freed"
+        stopped = now
+    time.sleep(1.5)
     assert second.inner_text() == stopped, "the reply kept growing after Stop"
     page.screenshot(path=str(ARTIFACTS / "ui-stop.png"), full_page=True)
 
