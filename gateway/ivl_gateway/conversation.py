@@ -186,12 +186,3 @@ def tiling_per_image(
         else:
             choices.append(budget(tiling, per_message[image.message_index]))
     return choices
-
-
-def check_context(image_tokens: int, context_length: int) -> None:
-    if context_length and image_tokens >= context_length:
-        raise ServingError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"the images of this request need {image_tokens} tokens; the model's context is "
-            f"{context_length} tokens: send fewer images or lower max_tiles",
-        )

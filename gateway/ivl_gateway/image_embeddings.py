@@ -1,4 +1,10 @@
-"""Embeddings for the images of one request: cache, single flight, limits, one EncodeImages for the misses."""
+"""Embeddings for the images of one request: cache, single flight, limits, one EncodeImages for the misses.
+
+Each miss's bytes go to the vision service once, in one EncodeImages call with the request's remaining
+ImageBudget (tiles per request, pixels per image, the LLM's context, minus what the cache hits use): the
+vision service plans every image from its header and refuses before decoding. The gateway never parses
+image bytes; it checks the budget once more over all images when every embedding is in.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,10 @@ from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.image_budget import ImageBudget, PlannedImage, check_images
 
 from ivl_gateway.cache import EmbeddingCache
-from ivl_gateway.conversation import ChatImage, check_context, tiling_per_image
+from ivl_gateway.conversation import ChatImage, tiling_per_image
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice, image_digest
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import GatewaySettings
@@ -33,7 +40,7 @@ def _about_image(error: ServingError, image: ChatImage, vision_index: int) -> Se
 
 
 def _about_failed_image(error: BaseException, jobs: list[_Job]) -> BaseException:
-    """A PlanImages/EncodeImages error that names one of its images ("image K: ..."), renamed after the
+    """An EncodeImages error that names one of its images ("image K: ..."), renamed after the
     request's image; other errors are returned as they are."""
     if not isinstance(error, ServingError) or error.code not in _IMAGE_ERRORS:
         return error
@@ -98,20 +105,25 @@ class EmbeddingResolver:
         unique = list(jobs)
         cached = dict(zip(unique, await self._cache.get_many(unique, hidden_size), strict=True))
         misses = [k for k in unique if cached[k] is None]
-        plans = {k: hit.plan for k, hit in cached.items() if hit is not None}
-        plans.update(await self._plan([jobs[k] for k in misses]))
-        self._check_limits(images, keys, plans, context_length)
-
+        hit_plans = [cached[k].plan for k in keys if cached[k] is not None]  # type: ignore[union-attr]
+        budget = ImageBudget(
+            max_total_tiles=self._settings.max_tiles_per_request, used_tiles=sum(p.num_tiles for p in hit_plans),
+            max_total_tokens=context_length, used_tokens=sum(p.num_tokens for p in hit_plans),
+            max_image_pixels=self._settings.max_image_pixels,
+        )
         owned, waiting = self._flight.claim(misses)
         results: dict[str, tuple[ImageEmbedding, float]] = {}
         if owned:
-            task = asyncio.create_task(self._encode_owned([jobs[k] for k in owned], fingerprint, hidden_size))
+            task = asyncio.create_task(self._encode_owned([jobs[k] for k in owned], fingerprint, hidden_size, budget))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             results.update(await asyncio.shield(task))
         for key, future in waiting.items():
             self._metrics.singleflight_waits.inc()
             results[key] = await asyncio.shield(future)
+        plans = {k: hit.plan for k, hit in cached.items() if hit is not None}
+        plans.update({k: embedding.plan for k, (embedding, _) in results.items()})
+        self._check_limits(images, keys, plans, budget)
         await self._cache.remember_tiling(
             fingerprint,
             [(jobs[k].digest, jobs[k].tiling) for k, img in zip(keys, images, strict=True)
@@ -131,58 +143,22 @@ class EmbeddingResolver:
             self._metrics.tiles_per_image.observe(resolved[-1].embedding.plan.num_tiles)
         return resolved
 
-    async def _plan(self, jobs: list[_Job]) -> dict[str, common_pb2.ImagePlan]:
-        """Tiling plans of the misses (image headers only), naming the request's image on bad input."""
-        if not jobs:
-            return {}
-        try:
-            plans = await self._vision.plan([(job.data, job.tiling) for job in jobs])
-        except ServingError as error:
-            if error.code not in _IMAGE_ERRORS:
-                raise
-            located = _about_failed_image(error, jobs)  # the vision service names it "image K: ..."
-            if located is not error:
-                raise located from None
-            if len(jobs) == 1:
-                raise _about_image(error, jobs[0].image, 0) from None
-            for job in jobs:  # otherwise find which image it was: cheap, header-only calls
-                try:
-                    await self._vision.plan([(job.data, job.tiling)])
-                except ServingError as single:
-                    raise _about_image(single, job.image, 0) from None
-            raise
-        return {job.key: plan for job, plan in zip(jobs, plans, strict=True)}
-
     def _check_limits(
-        self, images: list[ChatImage], keys: list[str], plans: dict[str, common_pb2.ImagePlan], context_length: int
+        self, images: list[ChatImage], keys: list[str], plans: dict[str, common_pb2.ImagePlan], budget: ImageBudget
     ) -> None:
-        limits = self._settings
-        tiles = 0
-        tokens = 0
-        for image, key in zip(images, keys, strict=True):
-            plan = plans[key]
-            pixels = plan.original_width * plan.original_height
-            if pixels > limits.max_image_pixels:
-                raise ServingError(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"image {image.image_index} is {plan.original_width}x{plan.original_height} = "
-                    f"{pixels / 1e6:.1f} MP; the limit is {limits.max_image_pixels / 1e6:.1f} MP per image",
-                )
-            tiles += plan.num_tiles
-            tokens += plan.num_tokens
-        if tiles > limits.max_tiles_per_request:
-            raise ServingError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"the images of this request need {tiles} tiles; the limit is {limits.max_tiles_per_request} "
-                "tiles per request: send fewer images or lower max_tiles",
-            )
-        check_context(tokens, context_length)
+        """The request's budget over all of its images (the vision service checked its own share already)."""
+        check_images(
+            [PlannedImage(f"image {image.image_index} (message {image.message_index})", plans[key].original_width,
+                          plans[key].original_height, plans[key].num_tiles, plans[key].num_tokens)
+             for image, key in zip(images, keys, strict=True)],
+            ImageBudget(budget.max_total_tiles, 0, budget.max_total_tokens, 0, budget.max_image_pixels),
+        )
 
     async def _encode_owned(
-        self, jobs: list[_Job], fingerprint: str, hidden_size: int
+        self, jobs: list[_Job], fingerprint: str, hidden_size: int, budget: ImageBudget
     ) -> dict[str, tuple[ImageEmbedding, float]]:
         try:
-            encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs])
+            encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs], budget)
         except BaseException as error:
             failure = _about_failed_image(error, jobs)
             for job in jobs:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.image_budget import ImageBudget
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice
@@ -37,10 +38,12 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
         response, _ = await call_unary(self.pool, "PlanImages", request, self._settings.info_timeout_s * 4)
         return list(response.plans)
 
-    async def encode(self, images: list[tuple[bytes, TilingChoice]]) -> EncodeResult:
-        """All of a request's misses in one EncodeImages call."""
+    async def encode(self, images: list[tuple[bytes, TilingChoice]], budget: ImageBudget | None = None) -> EncodeResult:
+        """All of a request's misses in one EncodeImages call, with the request's remaining budget (the
+        vision service refuses from the headers, before decoding, what does not fit)."""
         request = vision_pb2.EncodeImagesRequest(
-            images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images]
+            images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images],
+            budget=(budget or ImageBudget()).to_pb(),
         )
         start = time.perf_counter()
         response, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)

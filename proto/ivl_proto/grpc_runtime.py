@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ivl_proto.errors import ERROR_CODE_METADATA_KEY, ServingError
+from ivl_proto.errors import ERROR_CODE_METADATA_KEY, ErrorCode, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,16 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     ]
 
 
+OUT_OF_MEMORY = ServingError(
+    ErrorCode.RESOURCE_EXHAUSTED,
+    "the service ran out of memory for this request; retry later, or send fewer or smaller images",
+)
+
+
 def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an async servicer method (unary or server-streaming) so that a ServingError aborts
-    the call with the status from the error table and its message, also mid-stream."""
+    the call with the status from the error table and its message, also mid-stream. A MemoryError
+    (an allocation the process could not make) is RESOURCE_EXHAUSTED, never an internal error."""
 
     if inspect.isasyncgenfunction(method):
 
@@ -45,6 +52,9 @@ def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except ServingError as error:
                 await context.abort(error.grpc_status, error.message, _code_metadata(error))
+            except MemoryError:
+                log.warning("out of memory in %s", method.__name__)
+                await context.abort(OUT_OF_MEMORY.grpc_status, OUT_OF_MEMORY.message, _code_metadata(OUT_OF_MEMORY))
 
         return stream_wrapper
 
@@ -54,6 +64,9 @@ def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             return await method(self, request, context)
         except ServingError as error:
             await context.abort(error.grpc_status, error.message, _code_metadata(error))
+        except MemoryError:
+            log.warning("out of memory in %s", method.__name__)
+            await context.abort(OUT_OF_MEMORY.grpc_status, OUT_OF_MEMORY.message, _code_metadata(OUT_OF_MEMORY))
 
     return unary_wrapper
 

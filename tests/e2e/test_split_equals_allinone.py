@@ -27,7 +27,7 @@ from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import Preprocessor
+from ivl_vision.preprocess import preprocess_trusted
 from ivl_vision.tiling import TilingConfig
 from PIL import Image
 from support.llm_server import llm_server_in_thread
@@ -130,11 +130,7 @@ def allinone_generate(stack: Stack, turns: list[tuple[str, str]], images: list[b
     for role, text in turns:
         query += f"<|im_start|>{role}\n{text}{sep}"
     query += "<|im_start|>assistant\n"
-    preprocessor = Preprocessor(ImageLimits(), dtype="float32", max_workers=1)
-    try:
-        pixels = [preprocessor.preprocess(d, TilingConfig(max_tiles=MAX_TILES)).pixels for d in images]
-    finally:
-        preprocessor.close()
+    pixels = [preprocess_trusted(d, TilingConfig(max_tiles=MAX_TILES), ImageLimits()).pixels for d in images]
     for tiles in pixels:
         query = query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * 256 * tiles.shape[0] + "</img>", 1)
     inputs = stack.tokenizer(query, return_tensors="pt")

@@ -55,15 +55,15 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def png_bomb(width: int, height: int, complete: bool) -> bytes:
-    """A 1-bit grey PNG of width x height, all black, written with zlib directly.
+def png_bomb(width: int, height: int, complete: bool, bit_depth: int = 1) -> bytes:
+    """A grey PNG of width x height (1 or 16 bits per sample), all black, written with zlib directly.
 
-    complete=True: a fully valid file (every row present; deflate shrinks zeros ~1000x, so keep
-    width*height modest). complete=False: the header and the first rows only, a few KB whatever
-    the size: the decoder must refuse it from the header before reading any pixel.
+    complete=True: a fully valid file (every row present; deflate shrinks zeros ~1000x: an 80 MP
+    16-bit one is ~160 KB and decodes to 160 MB of samples). complete=False: the header and the first
+    rows only, a few KB whatever the size: the decoder must refuse it from the header.
     """
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    row = b"\x00" * (1 + (width + 7) // 8)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    row = b"\x00" * (1 + (width * bit_depth + 7) // 8)
     compressor = zlib.compressobj(9)
     rows = height if complete else min(height, 64)
     body = b"".join(compressor.compress(row) for _ in range(rows))
@@ -74,6 +74,40 @@ def png_bomb(width: int, height: int, complete: bool) -> bytes:
         + _png_chunk(b"IDAT", body)
         + (_png_chunk(b"IEND", b"") if complete else b"")
     )
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(start, end, marker) of each marker segment of a baseline/progressive JPEG (entropy data included
+    in its SOS segment)."""
+    position, segments = 2, []
+    while position < len(data):
+        marker = data[position + 1]
+        if marker == 0xD9:
+            segments.append((position, len(data), marker))
+            break
+        end = position + 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not a stuffed 0xFF or RSTn
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                    end += 2
+                    continue
+                break
+        segments.append((position, end, marker))
+        position = end
+    return segments
+
+
+def progressive_jpeg_bomb(width: int, height: int, extra_scans: int) -> bytes:
+    """A decode-time bomb: a flat progressive JPEG of width x height with its last scan (the luma AC
+    refinement, a few dozen bytes for a flat image) repeated `extra_scans` more times. libjpeg refines every
+    coefficient of the image for each copy: 4000x4000 with 400 extra scans is ~100 KB and takes tens of
+    seconds to decode."""
+    data = _encode(Image.new("RGB", (width, height), (200, 200, 200)), "JPEG", progressive=True, quality=90)
+    segments = _jpeg_segments(data)
+    start, end, _ = [seg for seg in segments if seg[2] == 0xDA][-1]
+    eoi = segments[-1][0]
+    return data[:eoi] + data[start:end] * extra_scans + data[eoi:]
 
 
 def png_padded_to(size: int) -> bytes:
@@ -150,6 +184,13 @@ def hostile_corpus(
             message_part="image is 10000x10000 = 100.0 MP",
         ),
         HostileImage("gif_frame_bomb_30000", gif_frame_bomb(30000), big),
+        HostileImage(
+            "png_1x79999999", png_bomb(1, 79_999_999, complete=False), big,
+            message_part="image is 1x79999999; its longest side may be at most 65535 pixels",
+        ),
+        HostileImage(
+            "jpeg_600_scans", progressive_jpeg_bomb(64, 64, 600), big, message_part="scans; the limit is 500",
+        ),
         HostileImage("png_zero_size", png_bomb(0, 0, complete=False), bad),
         HostileImage("over_byte_limit", png_padded_to(max_bytes + 1), big, message_part="bytes"),
         HostileImage("jpeg_photo", jpeg, None, (320, 240)),

@@ -15,7 +15,7 @@ from ivl_proto.tensor_codec import tensor_from_pb
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import Preprocessor
+from ivl_vision.preprocess import preprocess_trusted
 from ivl_vision.tiling import TilingConfig, plan_tiles
 from support.vision_server import running_vision_server
 
@@ -30,11 +30,7 @@ def reference_encoder(tiny_original):
 
 def expected_embedding(encoder, data: bytes, config: TilingConfig) -> np.ndarray:
     """What the service must return: the encoder run directly on the preprocessed pixels."""
-    preprocessor = Preprocessor(ImageLimits(), dtype="float32", max_workers=1)
-    try:
-        pixels = preprocessor.preprocess(data, config).pixels
-    finally:
-        preprocessor.close()
+    pixels = preprocess_trusted(data, config, ImageLimits()).pixels
     with torch.inference_mode():
         out = encoder.encode(torch.from_numpy(pixels))
     return out.reshape(-1, out.shape[-1]).numpy()

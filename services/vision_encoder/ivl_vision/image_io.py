@@ -1,9 +1,19 @@
 """Image bytes -> RGB PIL image, with the limits checked before any pixel is decoded.
 
 Order of checks: byte size, then the header (format among JPEG/PNG/WebP/GIF/BMP/TIFF, width x
-height against max_pixels), then the full decode (first frame of animations), then the mode
-conversion to RGB and the EXIF orientation. Every failure is a ServingError: PAYLOAD_TOO_LARGE for
-the limits, INVALID_ARGUMENT for anything that is not a decodable image. See docs/tiling.md.
+height against max_pixels, the longest side against max_side, a JPEG's scan count against
+max_jpeg_scans), then the full decode (first frame of animations), then the mode conversion to RGB
+and the EXIF orientation. Every failure is a ServingError: PAYLOAD_TOO_LARGE for the limits,
+INVALID_ARGUMENT for anything that is not a decodable image. See docs/tiling.md.
+
+These functions parse untrusted bytes: the vision service runs them only inside sandboxed worker
+processes (ivl_vision.decode_worker), where a CPU-time and a memory limit bound what any file costs.
+Two limits here refuse the known cheap-file attacks early and with a clear message:
+- max_side: PIL's BICUBIC resize allocates ~32 bytes of filter coefficients per source pixel of the
+  longest side, and an intermediate of (output width x source height); a 1 x 79,999,999 PNG (under
+  the pixel limit) needs gigabytes. A side of at most 65535 px (JPEG's own maximum) keeps both small.
+- max_jpeg_scans: each scan of a progressive JPEG costs a pass over the whole image, and a scan can
+  be a few bytes; libjpeg-turbo's guard against such files is a scan limit (djpeg -maxscans), 500 here.
 
 PIL's own decompression-bomb check reads the module global Image.MAX_IMAGE_PIXELS inside
 Image.open. We do not mutate that global: the header is parsed through the format's registered
@@ -60,11 +70,14 @@ class ImageLimits:
     max_pixels: int = 80_000_000
     apply_exif_orientation: bool = True
     alpha_background: tuple[int, int, int] | None = None
+    max_side: int = 65535
+    max_jpeg_scans: int = 500
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1:
+        if min(self.max_bytes, self.max_pixels, self.max_side, self.max_jpeg_scans) < 1:
             raise invalid(
-                f"image limits must be positive, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}"
+                f"image limits must be positive, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}, "
+                f"max_side={self.max_side}, max_jpeg_scans={self.max_jpeg_scans}"
             )
         background = self.alpha_background
         if background is not None and (
@@ -90,6 +103,14 @@ def _too_many_pixels(width: int, height: int, limits: ImageLimits) -> ServingErr
         value, limit = f"{width * height} pixels", f"{limits.max_pixels} pixels"
     return ServingError(
         ErrorCode.PAYLOAD_TOO_LARGE, f"image is {width}x{height} = {value}; the limit is {limit}"
+    )
+
+
+def _too_long_side(width: int, height: int, limits: ImageLimits) -> ServingError:
+    return ServingError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"image is {width}x{height}; its longest side may be at most {limits.max_side} pixels "
+        "(an aspect ratio this extreme cannot be tiled)",
     )
 
 
@@ -129,6 +150,8 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
             image = factory(io.BytesIO(data), "")
         except Image.DecompressionBombError as error:
             raise _bomb(error, limits) from error
+        except MemoryError:  # out of the worker's memory: not a format problem
+            raise
         except Exception as error:  # any parser failure means "not this format / corrupt header"
             reason = f"{name} header is invalid ({error})"
             continue
@@ -136,8 +159,48 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
         if width * height > limits.max_pixels:
             image.close()
             raise _too_many_pixels(width, height, limits)
+        if max(width, height) > limits.max_side:
+            image.close()
+            raise _too_long_side(width, height, limits)
+        if name == "JPEG":
+            _check_jpeg_scans(data, limits)
         return image
     raise _undecodable(reason)
+
+
+def _first_scan_offset(data: bytes) -> int | None:
+    """Offset of the first SOS marker, walking the header's marker segments (their lengths skip
+    APPn payloads such as EXIF thumbnails, which hold scans of their own)."""
+    position = 2  # after SOI
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xDA:
+            return position
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def _check_jpeg_scans(data: bytes, limits: ImageLimits) -> None:
+    """Refuse a JPEG with more scans than max_jpeg_scans. After the first SOS, a 0xFF 0xDA pair can
+    only be a marker (entropy-coded data stuffs every 0xFF with 0x00), so a count is exact."""
+    first = _first_scan_offset(data)
+    if first is None:
+        return  # no scan: PIL reports the truncated file
+    scans = data.count(b"\xff\xda", first)
+    if scans > limits.max_jpeg_scans:
+        raise ServingError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the JPEG has {scans} scans; the limit is {limits.max_jpeg_scans} (progressive JPEGs have about 10; "
+            "files with thousands of scans take minutes to decode)",
+        )
 
 
 def _header_orientation(image: Image.Image) -> int:
@@ -161,10 +224,24 @@ def probe_image_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
         return width, height
 
 
+_SCALE_ROWS_PIXELS = 1 << 20  # pixels converted per band: bounds the temporaries of a 16-bit image
+
+
 def _scale_high_depth(image: Image.Image) -> Image.Image:
-    """16/32-bit integer grey -> 8-bit by rounding v * 255 / 65535 (PIL's convert clips instead)."""
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    """16/32-bit integer grey -> 8-bit by rounding v * 255 / 65535 (PIL's convert clips instead).
+
+    Band by band, in uint32: an 80 MP 16-bit PNG needs its 160 MB of samples plus ~8 MB of
+    temporaries, not 640 MB of int64 copies."""
+    values = np.asarray(image)
+    out = np.empty(values.shape, dtype=np.uint8)
+    rows = max(1, _SCALE_ROWS_PIXELS // max(1, values.shape[1]))
+    for top in range(0, values.shape[0], rows):
+        band = values[top : top + rows]
+        if band.dtype.kind == "i":
+            band = np.clip(band, 0, 65535)
+        band = np.minimum(band.astype(np.uint32), 65535)
+        out[top : top + rows] = (band * 255 + 32767) // 65535
+    return Image.fromarray(out, "L")
 
 
 def _scale_float(image: Image.Image) -> Image.Image:
@@ -208,6 +285,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError as error:
         image.close()
         raise _bomb(error, limits) from error
+    except MemoryError:  # the sandbox's memory limit: its worker reports it as such
+        image.close()
+        raise
     except Exception as error:  # truncated data, corrupt streams, unsupported modes, ...
         image.close()
         raise _undecodable(f"{image.format} data is invalid ({error})") from error

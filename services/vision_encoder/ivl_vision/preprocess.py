@@ -1,20 +1,28 @@
-"""Image bytes -> normalised tiles, synchronously or on a small thread pool.
+"""Image bytes -> normalised tiles: in sandboxed worker processes (the service) or in-process (tools).
 
-PIL's decoders and resampling and numpy's gathers release the GIL, so `preprocess_async` runs the
-whole decode + plan + tile step on a ThreadPoolExecutor and the event loop stays free.
+`Preprocessor` owns a pool of decode workers (ivl_vision.decode_worker under ivl_proto.worker_pool).
+The service never parses untrusted bytes itself: `probe` reads the header in a worker, `tile`
+decodes and tiles there, and the pixels come back through a pipe straight into a numpy array. Each
+task has a CPU-time budget (`cpu_s + cpu_s_per_megapixel * MP`, enforced by the kernel), a
+wall-clock guard, and each worker an address-space limit; a caller that goes away (its asyncio task
+cancelled) kills the worker running its image. Every way a worker can end becomes a ServingError
+naming the limit. `preprocess_trusted` (no sandbox) is for trusted input: the CLI, benchmarks, tests.
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
-from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
+from ivl_vision.decode_worker import limits_to_task, tiling_to_task
+from ivl_vision.image_io import ImageLimits, decode_image
 from ivl_vision.tiling import TilePlan, TilingConfig, pixel_numpy_dtype, plan_tiles, tile_pixels
+
+WORKER_MODULE = "ivl_vision.decode_worker"
 
 
 @dataclass(frozen=True)
@@ -23,16 +31,53 @@ class PreprocessedImage:
     plan: TilePlan
 
 
-class Preprocessor:
-    """Decodes untrusted image bytes under `limits` and tiles them; one per service."""
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of the decode workers (IVL_VISION_DECODE_* settings)."""
 
-    def __init__(self, limits: ImageLimits, dtype: str = "float32", max_workers: int = 2) -> None:
+    workers: int = 2
+    cpu_s: float = 2.0  # CPU seconds any image may take to decode and tile ...
+    cpu_s_per_megapixel: float = 0.05  # ... plus this per megapixel (a 4K photo: 2.4 s; 80 MP: 6 s)
+    wall_s: float = 30.0  # wall-clock guard per task (a starved or stuck worker)
+    memory_bytes: int = 1 << 30  # address space per worker beyond its imports
+    recycle_rss_bytes: int = 512 << 20  # replace a worker whose RSS stays above this after a task
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.cpu_s <= 0 or self.wall_s <= 0 or self.cpu_s_per_megapixel < 0:
+            raise invalid(f"decode sandbox limits must be positive, got {self}")
+
+    def cpu_budget(self, pixels: int) -> float:
+        return self.cpu_s + self.cpu_s_per_megapixel * pixels / 1e6
+
+    def pool_config(self) -> WorkerPoolConfig:
+        return WorkerPoolConfig(
+            module=WORKER_MODULE, size=self.workers, memory_bytes=self.memory_bytes,
+            recycle_rss_bytes=self.recycle_rss_bytes,
+        )
+
+
+def preprocess_trusted(data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32") -> PreprocessedImage:
+    """Decode, plan and tile in the calling thread, without the sandbox: for trusted input only (the
+    ivl-plan CLI, benchmarks, tests, training data made here)."""
+    image = decode_image(data, limits)
+    plan = plan_tiles(image.width, image.height, config)
+    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype), plan=plan)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+class Preprocessor:
+    """Decodes untrusted image bytes under `limits` in sandboxed workers and tiles them; one per service."""
+
+    def __init__(self, limits: ImageLimits, dtype: str = "float32", sandbox: SandboxLimits | None = None) -> None:
         pixel_numpy_dtype(dtype)  # validates the name
-        if max_workers < 1:
-            raise invalid(f"max_workers is {max_workers}; it must be at least 1")
         self._limits = limits
         self._dtype = dtype
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ivl-preprocess")
+        self.sandbox = sandbox or SandboxLimits()
+        self.pool = WorkerPool(self.sandbox.pool_config(), name="decode")
+        self._limits_task = limits_to_task(limits)
 
     @property
     def limits(self) -> ImageLimits:
@@ -42,32 +87,76 @@ class Preprocessor:
     def dtype(self) -> str:
         return self._dtype
 
-    def preprocess(self, data: bytes, config: TilingConfig) -> PreprocessedImage:
-        """Decode, plan and tile in the calling thread."""
-        image = decode_image(data, self._limits)
-        plan = plan_tiles(image.width, image.height, config)
-        return PreprocessedImage(pixels=tile_pixels(image, plan, config, self._dtype), plan=plan)
+    async def start(self) -> None:
+        await self.pool.start()
 
-    async def preprocess_async(self, data: bytes, config: TilingConfig) -> PreprocessedImage:
-        """`preprocess` on the thread pool."""
-        loop = asyncio.get_running_loop()
-        try:
-            future = loop.run_in_executor(self._executor, self.preprocess, data, config)
-        except RuntimeError as error:  # the pool was shut down
-            raise ServingError(ErrorCode.UNAVAILABLE, "the image preprocessor is shut down") from error
-        return await future
+    async def close(self) -> None:
+        await self.pool.close()
 
-    def plan_bytes(self, data: bytes, config: TilingConfig) -> TilePlan:
-        """The plan from the image header alone (no pixel decode); same result as `preprocess`."""
-        width, height = probe_image_size(data, self._limits)
-        return plan_tiles(width, height, config)
-
-    def close(self) -> None:
-        """Stop the pool; work already submitted finishes first. New async calls get UNAVAILABLE."""
-        self._executor.shutdown(wait=True)
-
-    def __enter__(self) -> Preprocessor:
+    async def __aenter__(self) -> Preprocessor:
+        await self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def preprocess(self, data: bytes, config: TilingConfig) -> PreprocessedImage:
+        """`preprocess_trusted` with this preprocessor's limits and dtype (no sandbox)."""
+        return preprocess_trusted(data, config, self._limits, self._dtype)
+
+    async def probe(self, data: bytes) -> tuple[int, int]:
+        """(width, height) from the header, read in a worker (no pixel decoded)."""
+        result, _ = await self._run("probe", {"limits": self._limits_task}, data, self.sandbox.cpu_s, "read")
+        return int(result["width"]), int(result["height"])
+
+    async def plan(self, data: bytes, config: TilingConfig) -> TilePlan:
+        width, height = await self.probe(data)
+        return plan_tiles(width, height, config)
+
+    async def tile(self, data: bytes, config: TilingConfig, size: tuple[int, int]) -> PreprocessedImage:
+        """Decode and tile an image whose probed size is `size`, in a worker; pixels bit-exact with
+        `preprocess`."""
+        plan = plan_tiles(size[0], size[1], config)
+        shape = (plan.num_tiles, 3, config.image_size, config.image_size)
+        pixels = np.empty(shape, dtype=pixel_numpy_dtype(self._dtype))
+
+        def receive(header: dict[str, Any]) -> memoryview:
+            if list(header.get("shape", ())) != list(shape) or header.get("dtype") != self._dtype:
+                raise ServingError(ErrorCode.INTERNAL, f"a decode worker returned {header.get('shape')} pixels for {shape}")
+            return memoryview(pixels).cast("B")
+
+        task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": self._dtype,
+                "expect_size": list(size)}
+        await self._run("tile", task, data, self.sandbox.cpu_budget(size[0] * size[1]), "decode", receive)
+        return PreprocessedImage(pixels=pixels, plan=plan)
+
+    async def _run(
+        self, kind: str, task: dict[str, Any], data: bytes, cpu_s: float, verb: str, receive: Any = None
+    ) -> tuple[dict[str, Any], Any]:
+        sandbox = self.sandbox
+        memory = (f"image needs more memory to {verb} than a decode worker may use "
+                  f"({_gib(sandbox.memory_bytes)}, IVL_VISION_DECODE_MEMORY_MB)")
+        try:
+            return await self.pool.run(kind, task, data, cpu_s=cpu_s, wall_s=max(sandbox.wall_s, 2 * cpu_s),
+                                       receive=receive, memory_message=memory)
+        except WorkerStopped as stopped:
+            raise self._stopped_error(stopped, verb, cpu_s) from None
+
+    def _stopped_error(self, stopped: WorkerStopped, verb: str, cpu_s: float) -> ServingError:
+        if stopped.reason == "cpu":
+            return ServingError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"image took longer than {cpu_s:.1f} s of CPU time to {verb}; the limit for an image of this size "
+                f"is {cpu_s:.1f} s (IVL_VISION_DECODE_CPU_S + IVL_VISION_DECODE_CPU_S_PER_MP per megapixel)",
+            )
+        if stopped.reason == "wall":
+            return ServingError(
+                ErrorCode.UNAVAILABLE,
+                f"the vision service is overloaded: image did not finish its {verb} within "
+                f"{max(self.sandbox.wall_s, 2 * cpu_s):.0f} s (IVL_VISION_DECODE_WALL_S); retry later",
+            )
+        return ServingError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"could not decode image: the decoder stopped ({stopped.detail}); the file is corrupt or needs more "
+            f"memory than a decode worker may use ({_gib(self.sandbox.memory_bytes)})",
+        )

@@ -31,7 +31,7 @@ from ivl_proto.vision.v1 import vision_pb2_grpc
 from ivl_vision.batching import TileBatcher
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import Preprocessor
+from ivl_vision.preprocess import Preprocessor, SandboxLimits
 from ivl_vision.service import TORCH_DTYPES, VisionService, make_encode_fn
 from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer
 from ivl_vision.settings import VisionSettings
@@ -40,6 +40,21 @@ from ivl_vision.tiling import pixel_numpy_dtype
 log = logging.getLogger(__name__)
 
 LoadEncoder = Callable[[VisionSettings, str, str], Any]
+
+
+def build_preprocessor(settings: VisionSettings, dtype: str) -> Preprocessor:
+    """The sandboxed decode workers with the image limits of the settings (not started)."""
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+        apply_exif_orientation=settings.apply_exif_orientation, max_side=settings.max_image_side,
+        max_jpeg_scans=settings.max_jpeg_scans,
+    )
+    sandbox = SandboxLimits(
+        workers=settings.preprocess_workers, cpu_s=settings.decode_cpu_s,
+        cpu_s_per_megapixel=settings.decode_cpu_s_per_mp, wall_s=settings.decode_wall_s,
+        memory_bytes=settings.decode_memory_mb << 20, recycle_rss_bytes=settings.decode_recycle_rss_mb << 20,
+    )
+    return Preprocessor(limits, dtype=dtype, sandbox=sandbox)
 
 
 def load_encoder(settings: VisionSettings, device: str, dtype: str) -> Any:
@@ -93,20 +108,15 @@ class VisionServer:
         encoder = await asyncio.to_thread(self._load, settings, device, dtype)
         encode_fn = make_encode_fn(encoder, dtype, device)
         info = encoder.info
-        preprocessor = Preprocessor(  # pixels made in the compute dtype: half the memory for 16-bit models
-            ImageLimits(
-                max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                apply_exif_orientation=settings.apply_exif_orientation,
-            ),
-            dtype=dtype, max_workers=settings.preprocess_workers,
-        )
-        if settings.warmup:  # one dummy forward, outside the batcher's counters
-            size = int(info.image_size)
-            try:
+        preprocessor = build_preprocessor(settings, dtype)  # pixels in the compute dtype: half the memory at 16 bit
+        try:
+            await preprocessor.start()
+            if settings.warmup:  # one dummy forward, outside the batcher's counters
+                size = int(info.image_size)
                 await asyncio.to_thread(encode_fn, np.zeros((1, 3, size, size), dtype=pixel_numpy_dtype(dtype)))
-            except BaseException:
-                preprocessor.close()
-                raise
+        except BaseException:
+            await preprocessor.close()
+            raise
         batcher = TileBatcher(
             encode_fn, settings.max_batch_tiles, settings.batch_wait_ms, settings.max_queued_tiles,
             batching=settings.batching,
@@ -138,7 +148,7 @@ class VisionServer:
                 await self._loading
         if self.service is not None:
             await self.service.batcher.close()
-            await asyncio.to_thread(self.service.preprocessor.close)
+            await self.service.preprocessor.close()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

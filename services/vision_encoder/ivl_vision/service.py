@@ -1,7 +1,11 @@
 """The vision encoder's domain service (no proto here): encode images, plan tiles, describe the model.
 
-Encoding preprocesses every image of a request concurrently in the preprocessor's thread pool, then
-hands each image's tiles to the shared TileBatcher, so tiles of concurrent requests share forwards.
+Admission comes first: every image of a request is planned from its header (read in a sandboxed
+worker), and the plans are checked against the caller's ImageBudget and the queue limit before any
+image is decoded. Then each image reserves its pixels from the global PixelBudget and is decoded and
+tiled in a sandboxed worker (ivl_vision.preprocess); a failing image cancels the request's other
+decodes (their workers are killed). The tiles go to the shared TileBatcher, so tiles of concurrent
+requests share forwards.
 An image's embedding is (num_tiles * tokens_per_tile, llm_hidden) in the encoder's dtype; bfloat16
 travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.tensor_codec).
 """
@@ -18,8 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.image_budget import ImageBudget, check_images
+from ivl_proto.image_budget import PlannedImage as BudgetedImage
+from ivl_proto.worker_pool import PoolStats
 
+from ivl_vision.admission import BudgetStats, PixelBudget
 from ivl_vision.batching import BatcherStats, EncodeFn, TileBatcher
+from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
 
@@ -92,6 +101,19 @@ class ServiceInfo:
     ps_version: str
     downsample_ratio: float
     batching: BatchingInfo
+    decode: DecodeInfo
+    max_image_side: int
+    max_jpeg_scans: int
+
+
+@dataclass(frozen=True)
+class DecodeInfo:
+    workers: int
+    busy_workers: int
+    pool: PoolStats
+    pixels_in_flight: int
+    max_pixels_in_flight: int
+    budget: BudgetStats
 
 
 @dataclass(frozen=True)
@@ -142,13 +164,19 @@ def default_tiling(settings: VisionSettings, info: Any) -> TilingConfig:
 
 
 class VisionService:
-    """Encode / plan / info over a loaded encoder, a Preprocessor and a TileBatcher."""
+    """Encode / plan / info over a loaded encoder, a Preprocessor, a PixelBudget and a TileBatcher."""
 
-    def __init__(self, settings: VisionSettings, encoder: Any, preprocessor: Any, batcher: TileBatcher) -> None:
+    def __init__(
+        self, settings: VisionSettings, encoder: Any, preprocessor: Preprocessor, batcher: TileBatcher,
+        pixel_budget: PixelBudget | None = None,
+    ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.preprocessor = preprocessor
         self.batcher = batcher
+        self.pixel_budget = pixel_budget or PixelBudget(
+            settings.max_decode_pixels_in_flight, settings.decode_queue_timeout_s
+        )
         self.model = encoder.info
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.default_tiling = default_tiling(settings, self.model)
@@ -176,26 +204,49 @@ class VisionService:
         self.tiling_for(request, "request tiling options")
         return [self.tiling_for(image.tiling.over(request), f"image {i}") for i, image in enumerate(images)]
 
-    async def encode_images(self, images: Sequence[ImageRequest], tiling: TilingRequest) -> EncodeResult:
-        self._check_count(
-            len(images), self.settings.max_images_per_request, "images", " (IVL_VISION_MAX_IMAGES_PER_REQUEST)"
-        )
-        configs = self._image_tilings(images, tiling)
-        started = time.perf_counter()
-        prepared = await asyncio.gather(
-            *(self._preprocess(i, image.data, config) for i, (image, config) in enumerate(zip(images, configs, strict=True))),
+    async def _probe_all(self, images: Sequence[ImageRequest], configs: Sequence[TilingConfig]) -> list[TilePlan]:
+        """Every image's plan from its header (in the sandbox); the first failing image by index decides."""
+        outcomes = await asyncio.gather(
+            *(self._probe(i, image.data, config) for i, (image, config) in enumerate(zip(images, configs, strict=True))),
             return_exceptions=True,
         )
-        for outcome in prepared:  # the first failing image (by index) decides the error
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        preprocessed = [p for p in prepared if not isinstance(p, BaseException)]
-        tiles = sum(int(p.pixels.shape[0]) for p in preprocessed)
+        return [plan for plan in outcomes if isinstance(plan, TilePlan)]
+
+    async def _probe(self, index: int, data: bytes, config: TilingConfig) -> TilePlan:
+        if not data:
+            raise invalid(f"image {index}: the image data is empty; send the encoded file bytes")
+        try:
+            return await self.preprocessor.plan(data, config)
+        except ServingError as error:
+            raise ServingError(error.code, f"image {index}: {error.message}") from error
+
+    def _admit(self, plans: Sequence[TilePlan], budget: ImageBudget) -> None:
+        check_images(
+            [BudgetedImage(f"image {i}", p.original_width, p.original_height, p.num_tiles,
+                           p.num_tiles * self.tokens_per_tile) for i, p in enumerate(plans)],
+            budget,
+        )
+        tiles = sum(plan.num_tiles for plan in plans)
         if tiles > self.batcher.max_queued_tiles:
             raise invalid(
                 f"the request needs {tiles} tiles; one request may hold at most {self.batcher.max_queued_tiles} "
                 "(IVL_VISION_MAX_QUEUED_TILES); lower max_tiles or send fewer images"
             )
+
+    async def encode_images(
+        self, images: Sequence[ImageRequest], tiling: TilingRequest, budget: ImageBudget | None = None
+    ) -> EncodeResult:
+        self._check_count(
+            len(images), self.settings.max_images_per_request, "images", " (IVL_VISION_MAX_IMAGES_PER_REQUEST)"
+        )
+        configs = self._image_tilings(images, tiling)
+        started = time.perf_counter()
+        plans = await self._probe_all(images, configs)
+        self._admit(plans, budget or ImageBudget())
+        preprocessed = await self._decode_all(images, configs, plans)
         encode_started = time.perf_counter()
         embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
         done = time.perf_counter()
@@ -205,11 +256,30 @@ class VisionService:
         ]
         return EncodeResult(encoded, encode_started - started, done - encode_started, self.model.fingerprint)
 
-    async def _preprocess(self, index: int, data: bytes, config: TilingConfig) -> Any:
-        if not data:
-            raise invalid(f"image {index}: the image data is empty; send the encoded file bytes")
+    async def _decode_all(
+        self, images: Sequence[ImageRequest], configs: Sequence[TilingConfig], plans: Sequence[TilePlan]
+    ) -> list[PreprocessedImage]:
+        """Decode + tile every image concurrently; the first failure cancels (kills) the others' decodes."""
+        tasks = [
+            asyncio.ensure_future(self._decode(i, image.data, config, plan))
+            for i, (image, config, plan) in enumerate(zip(images, configs, plans, strict=True))
+        ]
         try:
-            return await self.preprocessor.preprocess_async(data, config)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # a failure, or the caller gone: stop the decodes still running
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:  # the first failing image (by index) decides the error
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+
+    async def _decode(self, index: int, data: bytes, config: TilingConfig, plan: TilePlan) -> PreprocessedImage:
+        size = (plan.original_width, plan.original_height)
+        try:
+            async with self.pixel_budget.reserve(size[0] * size[1]):
+                return await self.preprocessor.tile(data, config, size)
         except ServingError as error:
             raise ServingError(error.code, f"image {index}: {error.message}") from error
 
@@ -219,15 +289,8 @@ class VisionService:
         """Plans for images (from their headers) then bare (width, height) sizes; no encoding."""
         self._check_count(len(images) + len(sizes), MAX_PLANS_PER_REQUEST, "images or sizes")
         configs = self._image_tilings(images, tiling)
-        plans: list[PlannedImage] = []
-        for index, (image, config) in enumerate(zip(images, configs, strict=True)):
-            if not image.data:
-                raise invalid(f"image {index}: the image data is empty; send the encoded file bytes")
-            try:
-                plan = await asyncio.to_thread(self.preprocessor.plan_bytes, image.data, config)
-            except ServingError as error:
-                raise ServingError(error.code, f"image {index}: {error.message}") from error
-            plans.append(self._planned(plan, config))
+        plans = [self._planned(plan, config)
+                 for plan, config in zip(await self._probe_all(images, configs), configs, strict=True)]
         size_config = self.tiling_for(tiling, "request tiling options")
         for index, (width, height) in enumerate(sizes):
             self._check_size(index, width, height)
@@ -246,13 +309,15 @@ class VisionService:
 
     def info(self) -> ServiceInfo:
         m = self.model
+        limits = self.preprocessor.limits
         return ServiceInfo(
             model_id=str(m.model_id), fingerprint=str(m.fingerprint), hidden_size=int(m.llm_hidden_size),
             tokens_per_tile=self.tokens_per_tile, image_size=int(m.image_size), dtype=self.dtype,
             device=str(m.device), default_tiling=self.default_tiling, max_tiles_limit=MAX_TILES_LIMIT,
             max_image_bytes=self.settings.max_image_bytes, max_image_pixels=self.settings.max_image_pixels,
             max_images_per_request=self.settings.max_images_per_request, ps_version=str(m.ps_version),
-            downsample_ratio=float(m.downsample_ratio), batching=self.batching_info(),
+            downsample_ratio=float(m.downsample_ratio), batching=self.batching_info(), decode=self.decode_info(),
+            max_image_side=limits.max_side, max_jpeg_scans=limits.max_jpeg_scans,
         )
 
     def batching_info(self) -> BatchingInfo:
@@ -260,4 +325,11 @@ class VisionService:
         return BatchingInfo(
             b.batching, b.max_batch_tiles, b.max_wait_s * 1000.0, b.max_queued_tiles, b.queued_tiles,
             dataclasses.replace(b.stats),
+        )
+
+    def decode_info(self) -> DecodeInfo:
+        pool, budget = self.preprocessor.pool, self.pixel_budget
+        return DecodeInfo(
+            pool.config.size, pool.busy, dataclasses.replace(pool.stats), budget.in_use, budget.capacity,
+            dataclasses.replace(budget.stats),
         )

@@ -10,10 +10,18 @@ import grpc
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.image_budget import ImageBudget
 from ivl_proto.tensor_codec import tensor_to_pb
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
-from ivl_vision.service import BatchingInfo, ImageRequest, PlannedImage, TilingRequest, VisionService
+from ivl_vision.service import (
+    BatchingInfo,
+    DecodeInfo,
+    ImageRequest,
+    PlannedImage,
+    TilingRequest,
+    VisionService,
+)
 from ivl_vision.tiling import TilingConfig
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
@@ -58,6 +66,16 @@ def batching_to_pb(info: BatchingInfo) -> vision_pb2.BatchingStats:
     )
 
 
+def decode_to_pb(info: DecodeInfo) -> vision_pb2.DecodeStats:
+    pool, budget = info.pool, info.budget
+    return vision_pb2.DecodeStats(
+        workers=info.workers, busy_workers=info.busy_workers, tasks=pool.tasks, cpu_limit_kills=pool.cpu_kills,
+        wall_limit_kills=pool.wall_kills, cancel_kills=pool.cancel_kills, crashes=pool.crashes,
+        recycles=pool.recycles, pixels_in_flight=info.pixels_in_flight,
+        max_pixels_in_flight=info.max_pixels_in_flight, budget_waits=budget.waits, budget_timeouts=budget.timeouts,
+    )
+
+
 class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     def __init__(self, service: VisionService | None = None) -> None:
         self._service = service
@@ -77,7 +95,9 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     async def EncodeImages(
         self, request: vision_pb2.EncodeImagesRequest, context: grpc.aio.ServicerContext
     ) -> vision_pb2.EncodeImagesResponse:
-        result = await self._require().encode_images(images_from_pb(request.images), tiling_from_pb(request.tiling))
+        result = await self._require().encode_images(
+            images_from_pb(request.images), tiling_from_pb(request.tiling), ImageBudget.from_pb(request.budget)
+        )
         return vision_pb2.EncodeImagesResponse(
             images=[
                 vision_pb2.EncodedImage(embedding=tensor_to_pb(image.embedding, image.dtype), plan=plan_to_pb(image.planned))
@@ -106,4 +126,5 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             max_image_bytes=info.max_image_bytes, max_image_pixels=info.max_image_pixels,
             max_images_per_request=info.max_images_per_request, ps_version=info.ps_version,
             downsample_ratio=info.downsample_ratio, device=info.device, batching=batching_to_pb(info.batching),
+            decode=decode_to_pb(info.decode), max_image_side=info.max_image_side, max_jpeg_scans=info.max_jpeg_scans,
         )

@@ -63,7 +63,33 @@ class VisionSettings(BaseSettings):
     )
     use_thumbnail: bool | None = Field(None, description="default thumbnail; unset = the checkpoint's use_thumbnail")
 
-    preprocess_workers: int = Field(2, ge=1, le=256, description="threads decoding and tiling images")
+    max_image_side: int = Field(
+        65535, ge=448, le=1 << 20, description="longest side of an image in pixels (extreme aspect ratios)"
+    )
+    max_jpeg_scans: int = Field(500, ge=1, description="scans of a (progressive) JPEG; each costs a pass over the image")
+
+    preprocess_workers: int = Field(
+        2, ge=1, le=256, description="sandboxed worker processes that read headers and decode + tile images"
+    )
+    decode_cpu_s: float = Field(2.0, gt=0, le=600, description="CPU seconds any image may take to decode and tile ...")
+    decode_cpu_s_per_mp: float = Field(
+        0.05, ge=0, le=60, description="... plus this many per megapixel (the worker is killed beyond the sum)"
+    )
+    decode_wall_s: float = Field(
+        30.0, gt=0, le=3600, description="wall-clock guard per decode (at least twice its CPU budget)"
+    )
+    decode_memory_mb: int = Field(
+        1024, ge=0, description="address space a decode worker may map beyond its imports; 0 = no limit"
+    )
+    decode_recycle_rss_mb: int = Field(
+        512, ge=0, description="a decode worker whose RSS stays above this after an image is replaced; 0 = never"
+    )
+    max_decode_pixels_in_flight: int = Field(
+        160_000_000, ge=1, description="decoded pixels of all images being decoded at once (memory bound)"
+    )
+    decode_queue_timeout_s: float = Field(
+        30.0, ge=0, description="how long an image may wait for the pixel budget before RESOURCE_EXHAUSTED"
+    )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024, le=2**31 - 1)
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get to finish on shutdown")
     warmup: bool = Field(True, description="run one dummy forward before reporting SERVING")

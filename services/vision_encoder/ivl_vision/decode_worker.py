@@ -1,0 +1,75 @@
+"""The sandboxed decode worker: `python -m ivl_vision.decode_worker` (started by ivl_proto.worker_pool).
+
+Two task kinds, both on untrusted image bytes, both inside the worker's CPU and memory limits:
+- "probe": the header only -> {"width", "height"} as the image will be decoded (after EXIF
+  orientation), with the byte, pixel, side and JPEG-scan limits applied;
+- "tile": decode, check the size is the probed one, plan and tile exactly as the reference
+  (ivl_vision.tiling) -> {"plan", "shape", "dtype"} + the raw pixel bytes, which the pool reads
+  straight into the caller's array.
+Imports numpy, PIL and this package's pure modules only (no torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ivl_proto.errors import invalid
+from ivl_proto.worker_loop import run_worker
+
+from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
+
+
+def limits_to_task(limits: ImageLimits) -> dict[str, Any]:
+    return {
+        "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "max_side": limits.max_side,
+        "max_jpeg_scans": limits.max_jpeg_scans, "apply_exif_orientation": limits.apply_exif_orientation,
+        "alpha_background": list(limits.alpha_background) if limits.alpha_background is not None else None,
+    }
+
+
+def limits_from_task(task: dict[str, Any]) -> ImageLimits:
+    values = dict(task["limits"])
+    background = values.pop("alpha_background", None)
+    return ImageLimits(**values, alpha_background=tuple(background) if background is not None else None)
+
+
+def tiling_to_task(config: TilingConfig) -> dict[str, Any]:
+    return {"image_size": config.image_size, "min_tiles": config.min_tiles, "max_tiles": config.max_tiles,
+            "use_thumbnail": config.use_thumbnail}
+
+
+def plan_to_dict(plan: TilePlan) -> dict[str, Any]:
+    return {
+        "grid_cols": plan.grid_cols, "grid_rows": plan.grid_rows, "num_tiles": plan.num_tiles,
+        "resize_width": plan.resize_width, "resize_height": plan.resize_height,
+        "has_thumbnail": plan.has_thumbnail, "original_width": plan.original_width,
+        "original_height": plan.original_height,
+    }
+
+
+def _probe(task: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], None]:
+    width, height = probe_image_size(payload or b"", limits_from_task(task))
+    return {"width": width, "height": height}, None
+
+
+def _tile(task: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], memoryview]:
+    image = decode_image(payload or b"", limits_from_task(task))
+    expected = tuple(task["expect_size"])
+    if image.size != expected:
+        raise invalid(
+            f"the image decodes to {image.width}x{image.height} but its header says {expected[0]}x{expected[1]}"
+        )
+    config = TilingConfig(**task["tiling"])
+    plan = plan_tiles(image.width, image.height, config)
+    pixels = tile_pixels(image, plan, config, str(task["dtype"]))
+    image.close()
+    header = {"plan": plan_to_dict(plan), "shape": list(pixels.shape), "dtype": str(task["dtype"])}
+    return header, memoryview(pixels).cast("B")
+
+
+HANDLERS = {"probe": _probe, "tile": _tile}
+
+
+if __name__ == "__main__":
+    run_worker(HANDLERS)
