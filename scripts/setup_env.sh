@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Sets up everything the stack and the tests need on a fresh Debian machine:
-# system packages (redis-server, chromium), a virtualenv at .venv with every package of this repo
-# installed editable against constraints.txt, and the generated gRPC stubs. Safe to run again.
+# system packages (redis-server, chromium, Debian's docker-compose for the compose file's validation test),
+# a virtualenv at .venv with every package of this repo installed editable against constraints.txt,
+# and the generated gRPC stubs. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# tests/e2e/test_compose_file.py validates docker-compose.yml with Debian's docker-compose (no engine needed).
+[ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
 if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
