@@ -68,12 +68,31 @@ class _Job:
     image: ChatImage
 
 
+class _SharedEncode:
+    """One EncodeImages task and how many requests still wait for it; the last one to leave cancels it."""
+
+    def __init__(self, task: asyncio.Task[dict[str, tuple[ImageEmbedding, float]]]) -> None:
+        self.task = task
+        self.holders = 0
+
+    def hold(self) -> _SharedEncode:
+        self.holders += 1
+        return self
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders <= 0 and not self.task.done():
+            self.task.cancel()
+
+
 class EmbeddingResolver:
     """Resolves each image to its embedding: Redis first, then one EncodeImages call for the misses.
 
     Misses already being encoded for another request are awaited, not encoded again (single flight).
-    The encode runs as a task of its own, so a client that goes away mid-encode does not waste it: the
-    result still lands in the cache and in the other waiters' hands.
+    The encode runs as a task of its own that every request needing one of its images holds an interest
+    in: a client that goes away leaves it to the others, and when the last one has gone the encode is
+    cancelled, which cancels the EncodeImages call and kills its decodes in the vision service (a
+    hostile file sent by clients that hang up costs nothing once they are gone).
     """
 
     def __init__(
@@ -84,7 +103,7 @@ class EmbeddingResolver:
         self._vision = vision
         self._metrics = metrics
         self._flight: SingleFlight[str, tuple[ImageEmbedding, float]] = SingleFlight()
-        self._background: set[asyncio.Task[dict[str, tuple[ImageEmbedding, float]]]] = set()
+        self._encodes: dict[str, _SharedEncode] = {}  # image key -> the encode that is making it
 
     async def resolve(
         self,
@@ -113,14 +132,26 @@ class EmbeddingResolver:
         )
         owned, waiting = self._flight.claim(misses)
         results: dict[str, tuple[ImageEmbedding, float]] = {}
-        if owned:
-            task = asyncio.create_task(self._encode_owned([jobs[k] for k in owned], fingerprint, hidden_size, budget))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            results.update(await asyncio.shield(task))
-        for key, future in waiting.items():
-            self._metrics.singleflight_waits.inc()
-            results[key] = await asyncio.shield(future)
+        held: list[_SharedEncode] = []
+        try:
+            if owned:
+                shared = _SharedEncode(asyncio.create_task(
+                    self._encode_owned([jobs[k] for k in owned], fingerprint, hidden_size, budget)))
+                for key in owned:
+                    self._encodes[key] = shared
+                shared.task.add_done_callback(lambda _, keys=owned: self._forget(keys))
+                held.append(shared.hold())
+            for key in waiting:
+                if key in self._encodes:
+                    held.append(self._encodes[key].hold())
+            if owned:
+                results.update(await asyncio.shield(held[0].task))
+            for key, future in waiting.items():
+                self._metrics.singleflight_waits.inc()
+                results[key] = await asyncio.shield(future)
+        finally:
+            for shared in held:
+                shared.release()
         plans = {k: hit.plan for k, hit in cached.items() if hit is not None}
         plans.update({k: embedding.plan for k, (embedding, _) in results.items()})
         self._check_limits(images, keys, plans, budget)
@@ -143,6 +174,10 @@ class EmbeddingResolver:
             self._metrics.tiles_per_image.observe(resolved[-1].embedding.plan.num_tiles)
         return resolved
 
+    def _forget(self, keys: list[str]) -> None:
+        for key in keys:
+            self._encodes.pop(key, None)
+
     def _check_limits(
         self, images: list[ChatImage], keys: list[str], plans: dict[str, common_pb2.ImagePlan], budget: ImageBudget
     ) -> None:
@@ -161,9 +196,11 @@ class EmbeddingResolver:
             encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs], budget)
         except BaseException as error:
             failure = _about_failed_image(error, jobs)
+            if isinstance(error, asyncio.CancelledError):  # every request that wanted it left: a latecomer retries
+                failure = ServingError(ErrorCode.UNAVAILABLE, "the encode of this image was cancelled; retry")
             for job in jobs:
                 self._flight.fail(job.key, failure)
-            if failure is error:
+            if failure is error or isinstance(error, asyncio.CancelledError):
                 raise
             raise failure from None
         results: dict[str, tuple[ImageEmbedding, float]] = {}

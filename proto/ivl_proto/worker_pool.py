@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.wait_line import WaitLine
 from ivl_proto.worker_protocol import ProtocolError, payload_size, recv_header, send_message
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class WorkerPoolConfig:
     memory_bytes: int = 1 << 30  # address space a worker may map beyond what its imports mapped; 0 = no limit
     recycle_rss_bytes: int = 512 << 20  # a worker above this RSS after a task is replaced; 0 = never
     recycle_after_tasks: int = 0  # replace a worker after this many tasks; 0 = never
+    aging_s: float = 5.0  # a task waiting longer than this for a worker goes before cheaper ones
+    reserved_for_light: int = 0  # free workers that only take tasks costing at most light_cost
+    light_cost: float = 0.0
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -157,12 +161,17 @@ class WorkerPool:
     """`size` sandboxed workers; `run` gives a task to the next free one (FIFO)."""
 
     def __init__(self, config: WorkerPoolConfig, name: str = "worker") -> None:
-        if config.size < 1:
-            raise ValueError(f"a worker pool needs at least one worker, got size={config.size}")
+        if config.size < 1 or not 0 <= config.reserved_for_light < config.size:
+            raise ValueError(
+                f"a worker pool needs at least one worker and fewer reserved ones, got size={config.size}, "
+                f"reserved_for_light={config.reserved_for_light}"
+            )
         self.config = config
         self.name = name
         self.stats = PoolStats()
-        self._idle: asyncio.Queue[_Worker] | None = None
+        self._idle: list[_Worker] = []
+        self._line = WaitLine(config.aging_s)  # tasks waiting for a worker: cheapest first, with aging
+        self._started = False
         self._io = ThreadPoolExecutor(max_workers=config.size, thread_name_prefix=f"ivl-{name}-io")
         self._workers: set[_Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
@@ -174,15 +183,18 @@ class WorkerPool:
 
     @property
     def busy(self) -> int:
-        idle = self._idle.qsize() if self._idle is not None else 0
-        return len(self._workers) - idle
+        return len(self._workers) - len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
 
     async def start(self) -> None:
         """Start every worker and wait until each has set its limits and said it is ready."""
-        self._idle = asyncio.Queue()
         workers = await asyncio.gather(*(self._spawn() for _ in range(self.config.size)))
+        self._started = True
         for worker in workers:
-            self._idle.put_nowait(worker)
+            self._release(worker)
 
     def _spawn_sync(self) -> _Worker:
         parent_in, child_out = os.pipe()
@@ -241,8 +253,7 @@ class WorkerPool:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                assert self._idle is not None
-                self._idle.put_nowait(worker)
+                self._release(worker)
                 return
 
         task = asyncio.get_running_loop().create_task(replace(), name=f"ivl-{self.name}-respawn")
@@ -308,12 +319,13 @@ class WorkerPool:
         wall_s: float,
         receive: Receive | None = None,
         memory_message: str = "",
+        cost: float = 0.0,
     ) -> tuple[dict[str, Any], memoryview | bytes | None]:
-        """Run one task; returns (the handler's result header, its payload). A handler's error comes back as
+        """Run one task (waiting tasks get workers cheapest `cost` first, with aging); returns (the handler's result header, its payload). A handler's error comes back as
         ServingError with its code; a worker that ended raises WorkerStopped (reason cpu/wall/crashed)."""
-        if self._closed or self._idle is None:
+        if self._closed or not self._started:
             raise ServingError(ErrorCode.UNAVAILABLE, f"the {self.name} pool is not running")
-        worker = await self._idle.get()
+        worker = await self._acquire(cost)
         message = {"kind": kind, "task": task, "cpu_s": cpu_s, "memory_message": memory_message}
         loop = asyncio.get_running_loop()
         exchange = loop.run_in_executor(self._io, self._exchange, worker, message, payload, wall_s, receive)
@@ -346,11 +358,42 @@ class WorkerPool:
             self._retire(worker)
             self._replace_later()
         else:
-            self._idle.put_nowait(worker)
+            self._release(worker)
         if not reply.get("ok"):
             raise _error_from_reply(reply)
         result = reply.get("result")
         return (result if isinstance(result, dict) else {}), data
+
+    async def _acquire(self, cost: float) -> _Worker:
+        """A free worker, handed out in the line's order (see _dispatch)."""
+        waiter = self._line.add(cost)
+        self._dispatch()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            self._line.discard(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release(waiter.future.result())  # handed over just as the caller left
+            raise
+
+    def _release(self, worker: _Worker) -> None:
+        """A worker is free again: park it and serve the line."""
+        if self._closed:
+            self._retire(worker)
+            return
+        self._idle.append(worker)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give free workers to waiters, cheapest first with aging. The last `reserved_for_light` free workers
+        only take tasks costing at most `light_cost`: however many expensive tasks (hostile or not) queue up,
+        a cheap one finds a worker at once; the CPU is then time-shared, so it finishes quickly."""
+        while self._idle:
+            reserved = len(self._idle) <= self.config.reserved_for_light
+            waiter = self._line.pop(max_cost=self.config.light_cost if reserved else None)
+            if waiter is None:
+                return
+            waiter.future.set_result(self._idle.pop())
 
     def _count_stop(self, reason: str) -> None:
         if reason == "cpu":
@@ -367,6 +410,8 @@ class WorkerPool:
         self._closed = True
         for task in list(self._starting):
             task.cancel()
+        while (waiter := self._line.pop()) is not None:
+            waiter.future.set_exception(ServingError(ErrorCode.UNAVAILABLE, f"the {self.name} pool is shut down"))
         workers = list(self._workers)
         for worker in workers:
             worker.kill(worker.killed_for or "retired")

@@ -80,7 +80,7 @@ def leftovers(stack) -> dict[str, int]:
         "llm_waiting": scheduler.waiting,
         "vision_queued_tiles": batcher.queued_tiles,
         "singleflight": len(chat_service.resolver._flight),
-        "background_encodes": len(chat_service.resolver._background),
+        "background_encodes": len({id(e) for e in chat_service.resolver._encodes.values()}),
     }
 
 

@@ -66,7 +66,8 @@ def png_bomb(width: int, height: int, complete: bool, bit_depth: int = 1) -> byt
     row = b"\x00" * (1 + (width * bit_depth + 7) // 8)
     compressor = zlib.compressobj(9)
     rows = height if complete else min(height, 64)
-    body = b"".join(compressor.compress(row) for _ in range(rows))
+    block = max(1, (1 << 20) // len(row))  # rows per compress call: fast even for 80 M one-pixel rows
+    body = b"".join(compressor.compress(row * min(block, rows - top)) for top in range(0, rows, block))
     body += compressor.flush(zlib.Z_FINISH if complete else zlib.Z_SYNC_FLUSH)
     return (
         b"\x89PNG\r\n\x1a\n"

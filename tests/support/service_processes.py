@@ -43,6 +43,26 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a live process (e.g. the vision service's decode workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(child) for child in text)
+    return children
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """RSS of a process and its direct children (a service with its worker processes)."""
+    total = rss_bytes(pid)
+    for child in child_pids(pid):
+        try:
+            total += rss_bytes(child)
+        except (FileNotFoundError, ProcessLookupError, RuntimeError):
+            continue  # a worker that just ended
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (its threads included)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -34,8 +34,10 @@ READY_TIMEOUT_S = 120.0
 
 
 def server_settings(model_path: str | Path, **overrides: Any) -> VisionSettings:
-    """Settings for a test server: loopback, port 0, short grace, the given overrides."""
-    fields: dict[str, Any] = {"model_path": Path(model_path), "host": "127.0.0.1", "port": 0, "grace_s": 1.0}
+    """Settings for a test server: loopback, port 0, short grace, 2 decode workers, the given overrides."""
+    fields: dict[str, Any] = {
+        "model_path": Path(model_path), "host": "127.0.0.1", "port": 0, "grace_s": 1.0, "preprocess_workers": 2,
+    }
     fields.update(overrides)
     return VisionSettings(**fields)
 

@@ -176,8 +176,10 @@ async def test_probe_refuses_extreme_sides_and_scan_counts_before_decoding() -> 
         assert preprocessor.pool.stats.crashes == preprocessor.pool.stats.cpu_kills == 0
 
 
-async def test_pixel_budget_is_first_come_first_served() -> None:
-    budget = PixelBudget(capacity=100, max_wait_s=5)
+@pytest.mark.parametrize(("aging_s", "expected"), [(60.0, ["a", "small", "big"]), (0.0, ["a", "big", "small"])])
+async def test_pixel_budget_serves_small_images_first_with_aging(aging_s: float, expected: list[str]) -> None:
+    """A small image does not queue behind a large one; once the large one has waited aging_s, it goes first."""
+    budget = PixelBudget(capacity=100, max_wait_s=5, aging_s=aging_s)
     order: list[str] = []
 
     async def hold(name: str, pixels: int, seconds: float) -> None:
@@ -187,11 +189,11 @@ async def test_pixel_budget_is_first_come_first_served() -> None:
 
     first = asyncio.ensure_future(hold("a", 80, 0.2))
     await asyncio.sleep(0.01)
-    big = asyncio.ensure_future(hold("big", 100, 0.0))  # must wait for a
+    big = asyncio.ensure_future(hold("big", 100, 0.05))  # must wait for a
     await asyncio.sleep(0.01)
-    small = asyncio.ensure_future(hold("small", 10, 0.0))  # fits now, but must not overtake big
+    small = asyncio.ensure_future(hold("small", 30, 0.05))  # must wait for a too (80 + 30 > 100)
     await asyncio.gather(first, big, small)
-    assert order == ["a", "big", "small"]
+    assert order == expected
     assert budget.in_use == 0 and budget.stats.waits == 2
 
 
@@ -210,3 +212,38 @@ async def test_pixel_budget_gives_up_and_survives_cancellation() -> None:
     assert budget.in_use == 0 and budget.stats.timeouts == 1
     async with budget.reserve(10_000):  # larger than the capacity: takes all of it
         assert budget.in_use == 100
+
+
+async def test_small_images_do_not_queue_behind_large_ones(bomb: bytes) -> None:
+    """One worker, busy; a 64 MP decode and then a small photo wait: the photo gets the worker first."""
+    async with Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=1, cpu_s=60)) as preprocessor:
+        big, small = png_bomb(8000, 8000, complete=True), photo()
+        big_size, small_size = await preprocessor.probe(big), await preprocessor.probe(small)
+        blocker = asyncio.ensure_future(preprocessor.tile(bomb, CONFIG, (4000, 4000)))
+        await asyncio.sleep(0.3)
+        finished: list[str] = []
+
+        async def tile(name: str, data: bytes, size: tuple[int, int]) -> None:
+            await preprocessor.tile(data, CONFIG, size)
+            finished.append(name)
+
+        large_job = asyncio.ensure_future(tile("large", big, big_size))
+        await asyncio.sleep(0.1)
+        small_job = asyncio.ensure_future(tile("small", small, small_size))
+        await asyncio.sleep(0.1)
+        assert preprocessor.pool.waiting == 2
+        blocker.cancel()
+        await asyncio.gather(large_job, small_job)
+        assert finished == ["small", "large"]
+
+
+async def test_light_images_never_wait_for_large_ones_in_the_pixel_budget() -> None:
+    budget = PixelBudget(capacity=100, max_wait_s=5, aging_s=0.0, light_pixels=5, light_reserve=10)
+    async with budget.reserve(100):  # a large image fills the budget
+        waiting_large = asyncio.ensure_future(budget.reserve(60).__aenter__())
+        await asyncio.sleep(0.05)  # it has aged (aging_s=0): it is next in line, yet it cannot fit
+        async with budget.reserve(5), budget.reserve(5):  # two light images go at once, within the reserve
+            assert budget.in_use == 110
+            assert not waiting_large.done()
+    await waiting_large
+    assert budget.in_use == 60

@@ -35,7 +35,8 @@ class PreprocessedImage:
 class SandboxLimits:
     """Limits of the decode workers (IVL_VISION_DECODE_* settings)."""
 
-    workers: int = 2
+    workers: int = 4  # more than cores is on purpose: see light_pixels
+    light_pixels: int = 4_000_000  # with 2+ workers, the last free one only takes images up to this size
     cpu_s: float = 2.0  # CPU seconds any image may take to decode and tile ...
     cpu_s_per_megapixel: float = 0.05  # ... plus this per megapixel (a 4K photo: 2.4 s; 80 MP: 6 s)
     wall_s: float = 30.0  # wall-clock guard per task (a starved or stuck worker)
@@ -52,7 +53,8 @@ class SandboxLimits:
     def pool_config(self) -> WorkerPoolConfig:
         return WorkerPoolConfig(
             module=WORKER_MODULE, size=self.workers, memory_bytes=self.memory_bytes,
-            recycle_rss_bytes=self.recycle_rss_bytes,
+            recycle_rss_bytes=self.recycle_rss_bytes, reserved_for_light=1 if self.workers > 1 else 0,
+            light_cost=self.light_pixels,
         )
 
 
@@ -106,7 +108,7 @@ class Preprocessor:
 
     async def probe(self, data: bytes) -> tuple[int, int]:
         """(width, height) from the header, read in a worker (no pixel decoded)."""
-        result, _ = await self._run("probe", {"limits": self._limits_task}, data, self.sandbox.cpu_s, "read")
+        result, _ = await self._run("probe", {"limits": self._limits_task}, data, self.sandbox.cpu_s, "read", cost=0)
         return int(result["width"]), int(result["height"])
 
     async def plan(self, data: bytes, config: TilingConfig) -> TilePlan:
@@ -127,18 +129,21 @@ class Preprocessor:
 
         task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": self._dtype,
                 "expect_size": list(size)}
-        await self._run("tile", task, data, self.sandbox.cpu_budget(size[0] * size[1]), "decode", receive)
+        pixels_count = size[0] * size[1]
+        await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
         return PreprocessedImage(pixels=pixels, plan=plan)
 
     async def _run(
-        self, kind: str, task: dict[str, Any], data: bytes, cpu_s: float, verb: str, receive: Any = None
+        self, kind: str, task: dict[str, Any], data: bytes, cpu_s: float, verb: str, receive: Any = None,
+        cost: float = 0.0,
     ) -> tuple[dict[str, Any], Any]:
+        """One task in a worker; waiting tasks get workers smallest image first (header reads before all)."""
         sandbox = self.sandbox
         memory = (f"image needs more memory to {verb} than a decode worker may use "
                   f"({_gib(sandbox.memory_bytes)}, IVL_VISION_DECODE_MEMORY_MB)")
         try:
             return await self.pool.run(kind, task, data, cpu_s=cpu_s, wall_s=max(sandbox.wall_s, 2 * cpu_s),
-                                       receive=receive, memory_message=memory)
+                                       receive=receive, memory_message=memory, cost=cost)
         except WorkerStopped as stopped:
             raise self._stopped_error(stopped, verb, cpu_s) from None
 

@@ -50,7 +50,7 @@ def build_preprocessor(settings: VisionSettings, dtype: str) -> Preprocessor:
         max_jpeg_scans=settings.max_jpeg_scans,
     )
     sandbox = SandboxLimits(
-        workers=settings.preprocess_workers, cpu_s=settings.decode_cpu_s,
+        workers=settings.preprocess_workers, light_pixels=settings.decode_light_pixels, cpu_s=settings.decode_cpu_s,
         cpu_s_per_megapixel=settings.decode_cpu_s_per_mp, wall_s=settings.decode_wall_s,
         memory_bytes=settings.decode_memory_mb << 20, recycle_rss_bytes=settings.decode_recycle_rss_mb << 20,
     )

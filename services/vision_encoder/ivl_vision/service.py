@@ -175,7 +175,8 @@ class VisionService:
         self.preprocessor = preprocessor
         self.batcher = batcher
         self.pixel_budget = pixel_budget or PixelBudget(
-            settings.max_decode_pixels_in_flight, settings.decode_queue_timeout_s
+            settings.max_decode_pixels_in_flight, settings.decode_queue_timeout_s,
+            light_pixels=settings.decode_light_pixels, light_reserve=4 * settings.decode_light_pixels,
         )
         self.model = encoder.info
         self.dtype = str(self.model.dtype).removeprefix("torch.")

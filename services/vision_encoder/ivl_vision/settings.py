@@ -69,7 +69,12 @@ class VisionSettings(BaseSettings):
     max_jpeg_scans: int = Field(500, ge=1, description="scans of a (progressive) JPEG; each costs a pass over the image")
 
     preprocess_workers: int = Field(
-        2, ge=1, le=256, description="sandboxed worker processes that read headers and decode + tile images"
+        4, ge=1, le=256,
+        description="sandboxed worker processes that read headers and decode + tile images (more than cores: "
+        "decodes are time-shared, so a small image is not stuck behind large ones)",
+    )
+    decode_light_pixels: int = Field(
+        4_000_000, ge=1, description="the last free decode worker only takes images up to this many pixels"
     )
     decode_cpu_s: float = Field(2.0, gt=0, le=600, description="CPU seconds any image may take to decode and tile ...")
     decode_cpu_s_per_mp: float = Field(
