@@ -51,7 +51,7 @@ def prepare(folder: Path, new_tokens: int) -> tuple[Any, Any, Any, frozenset[int
     builder = PromptBuilder(tokenizer, template, ckpt.hidden_size, ckpt.context_length)
     embedding = np.random.default_rng(0).standard_normal((256, ckpt.hidden_size)).astype(np.float32) * 0.1
     prompt = builder.prepare([ChatMessage("user", QUESTION)], [ImageEmbedding(embedding, "float32")], new_tokens)
-    stops = frozenset({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(template.stop_token)})
+    stops = frozenset({tokenizer.convert_tokens_to_ids(template.stop_token)})  # where the reference stops
     return ckpt, prompt, tokenizer, stops
 
 

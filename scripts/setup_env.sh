@@ -2,7 +2,8 @@
 # Sets up everything the stack and the tests need on a fresh Debian machine:
 # system packages (redis-server, chromium, Debian's docker-compose for the compose file's validation test),
 # a virtualenv at .venv with every package of this repo installed editable against constraints.txt,
-# and the generated gRPC stubs. Safe to run again.
+# the generated gRPC stubs, and LMDeploy's Python layer for its contract test (.cache/lmdeploy-*, never
+# in .venv). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,3 +38,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
 else
   $VPY proto/generate.py
 fi
+# LMDeploy's real Python layer (its wheel without the compiled engine) for tests/llm/test_lmdeploy_contract.py.
+$VPY scripts/fetch_lmdeploy.py

@@ -1,4 +1,5 @@
-"""The per-reply line under each answer: cache hits, time to first token, tokens/s."""
+"""The per-reply line under each answer: cache hits, time to first token, tokens/s; its details: prompt tokens
+(and how many the LLM reused from earlier turns), prefill time, TTFT."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ class ReplyStats:
             return "the reply ended before the gateway sent its statistics"
         usage = final.usage
         return (
-            f"prompt tokens {usage.prompt_tokens} · completion tokens {usage.completion_tokens} · "
+            f"prompt tokens {usage.prompt_tokens} ({usage.cached_prompt_tokens} reused from earlier turns) · "
+            f"completion tokens {usage.completion_tokens} · "
             f"finish: {FINISH_WORDS.get(final.finish_reason, 'unknown')}  \n"
-            f"vision {final.vision_s:.2f} s · LLM time to first token {usage.time_to_first_token_s:.2f} s · "
-            f"total {usage.total_s:.2f} s"
+            f"vision {final.vision_s:.2f} s · LLM prefill {usage.prefill_s * 1000:.0f} ms · "
+            f"LLM time to first token {usage.time_to_first_token_s:.2f} s · total {usage.total_s:.2f} s"
         )

@@ -199,6 +199,8 @@ def usage_body(usage: common_pb2.Usage) -> dict[str, Any]:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        # prompt tokens the LLM served from its prefix KV cache (earlier turns of the chat)
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
 
 

@@ -115,6 +115,9 @@ def test_reply_stats_say_cache_hit_ttft_and_tokens_per_second():
     stats = ReplyStats(ttft_s=0.4567, final=final)
     assert stats.title() == "cache hit (2/2 images) · TTFT 0.46 s · 12.3 tokens/s"
     assert "completion tokens 5" in stats.details()
+    reused = gateway_pb2.Final(usage=common_pb2.Usage(prompt_tokens=900, cached_prompt_tokens=850, prefill_s=0.4321))
+    details = ReplyStats(final=reused).details()
+    assert "prompt tokens 900 (850 reused from earlier turns)" in details and "LLM prefill 432 ms" in details
     assert "cache miss (0/1" in ReplyStats(final=gateway_pb2.Final(images=1)).title()
     assert "partial hit (1/2" in ReplyStats(final=gateway_pb2.Final(images=2, cache_hits=1)).title()
 

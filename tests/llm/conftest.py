@@ -24,3 +24,9 @@ def internlm2_tokenizer(tiny_original: Path) -> Any:
     from ivl_llm.checkpoint import load_tokenizer
 
     return load_tokenizer(tiny_original)
+
+
+@pytest.fixture(scope="session")
+def tiny_internlm2_sentencepiece(tiny_ckpt_factory: Callable[..., Path]) -> Path:
+    """InternLM2 with a tokenizer like the real releases': tokenizer.model + its own class (trust_remote_code)."""
+    return tiny_ckpt_factory("original", tokenizer="sentencepiece")

@@ -1,10 +1,10 @@
-"""Incremental detokenizing (no broken characters) and stop strings across delta boundaries."""
+"""Incremental detokenizing (no broken characters), stop strings across delta boundaries, the reference's strip()."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ivl_llm.decoding import IncrementalDetokenizer, StopStringMatcher
+from ivl_llm.decoding import IncrementalDetokenizer, ReplyStripper, StopStringMatcher
 
 
 def stream(tokenizer, ids):
@@ -74,3 +74,21 @@ def test_chunking_never_changes_the_result(text, stop, cuts):
     index = text.find(stop)
     expected = text if index < 0 else text[:index]
     assert feed_all(StopStringMatcher([stop]), chunks) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet=" \n\tab\u3000好", max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=8),
+)
+def test_streamed_reply_is_exactly_the_stripped_reply_and_never_ends_in_whitespace(text, cuts):
+    chunks, last = [], 0
+    for cut in sorted(set(cuts)):
+        chunks.append(text[last:cut])
+        last = max(last, cut)
+    chunks.append(text[last:])
+    stripper = ReplyStripper()
+    deltas = [d for d in (stripper.feed(c) for c in chunks) if d]
+    assert "".join(deltas) == text.strip()  # the reference's response.strip(), str.isspace() included
+    assert all(d.strip() for d in deltas)  # no whitespace-only delta
+    assert not deltas or deltas[-1] == deltas[-1].rstrip()

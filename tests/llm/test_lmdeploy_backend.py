@@ -46,6 +46,10 @@ class FakeEngineConfig:
     max_batch_size: int | None = None
     dtype: str = "auto"
     language_model_only: bool = False
+    enable_prefix_caching: bool = False
+    cache_prompt: str = "auto"
+    cache_generation: str = "auto"
+    enable_metrics: bool = True
 
 
 @dataclass
@@ -65,11 +69,11 @@ class FakeInstance:
         self.engine = engine
 
     async def async_stream_infer(self, session_id, input_ids, input_embeddings=None, input_embedding_ranges=None,
-                                 gen_config=None, sequence_start=True, sequence_end=False, step=0,
-                                 stream_output=False, **kwargs):
+                                 multimodal=None, gen_config=None, stream_output=False, **kwargs):
+        # LMDeploy 0.18's signature (tests/llm/test_lmdeploy_contract.py checks the real one)
         call = SimpleNamespace(session_id=session_id, input_ids=list(input_ids), embeddings=input_embeddings,
                                ranges=input_embedding_ranges, gen_config=gen_config, cancelled=False,
-                               flags=(sequence_start, sequence_end, step, stream_output))
+                               flags=(multimodal, stream_output, kwargs))
         self.engine.calls.append(call)
         embeddings, ranges = input_embeddings or [], input_embedding_ranges or []
         assert len(embeddings) == len(ranges), "one embedding per range"
@@ -145,6 +149,7 @@ async def test_engine_receives_ids_ranges_embeddings_and_configs(tiny_original):
     assert path == str(tiny_original)
     assert engine_config.language_model_only is True and engine_config.max_batch_size == 2
     assert engine_config.session_len == 32768
+    assert engine_config.enable_prefix_caching is True
     assert fake.instances == 2
 
     call = fake.calls[-1]
@@ -155,11 +160,11 @@ async def test_engine_receives_ids_ranges_embeddings_and_configs(tiny_original):
     assert torch.equal(call.embeddings[0], torch.from_numpy(first))
     assert call.embeddings[1].dtype == torch.bfloat16
     assert torch.equal(call.embeddings[1].view(torch.int16), torch.from_numpy(bits.view(np.int16)))
-    assert call.flags == (True, True, 0, True)
+    assert call.flags == (None, True, {})  # no legacy sequence_start/sequence_end/step arguments
     config = call.gen_config
     assert config.max_new_tokens == 20 and config.do_sample is False and config.top_k == 1
     assert config.random_seed == 3
-    assert set(config.stop_token_ids) == {im_end, tok.eos_token_id}
+    assert config.stop_token_ids == [im_end]  # the template separator only, as the reference stops
     await until(lambda: service.scheduler.active == 0)  # the slot comes back once the session is ended
     assert fake.ended == [call.session_id]
     assert service.backend.pool.qsize() == 2

@@ -51,3 +51,14 @@ def test_without_a_model_path_it_says_what_to_set(monkeypatch):
         monkeypatch.delenv(name)
     with pytest.raises(SystemExit, match="IVL_LLM_MODEL_PATH"):
         main([])
+
+
+def test_flags_for_real_internlm2_checkpoints_and_reuse(monkeypatch):
+    from ivl_llm.__main__ import parse_args
+
+    for name in [k for k in os.environ if k.startswith("IVL_LLM_")]:
+        monkeypatch.delenv(name)
+    settings = parse_args(["--model-path", "m", "--trust-remote-code", "--prefix-cache-bytes", "0"])
+    assert (settings.trust_remote_code, settings.prefix_cache_bytes) == (True, 0)
+    defaults = parse_args(["--model-path", "m"])
+    assert (defaults.trust_remote_code, defaults.prefix_cache_bytes) == (False, 1024**3)

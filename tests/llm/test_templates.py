@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from ivl_llm.templates import (
-    INTERNLM2_SYSTEM_MESSAGE,
     INTERNVL2_5_SYSTEM_MESSAGE,
+    INTERNVL2_SYSTEM_MESSAGE,
+    LEGACY_SYSTEM_MESSAGES,
     ChatMessage,
     build_prompt,
     get_template,
@@ -20,7 +21,7 @@ ASSISTANT = "assistant"
 def test_internlm2_chat_single_turn_matches_reference_layout():
     prompt = build_prompt(get_template("internlm2-chat"), [ChatMessage(USER, "<image>\nWhat is this?")])
     assert prompt == (
-        f"<|im_start|>system\n{INTERNLM2_SYSTEM_MESSAGE}<|im_end|>"
+        f"<|im_start|>system\n{INTERNVL2_SYSTEM_MESSAGE}<|im_end|>"
         "<|im_start|>user\n<image>\nWhat is this?<|im_end|>"
         "<|im_start|>assistant\n"
     )
@@ -52,15 +53,43 @@ def test_internvl2_5_separator_has_newline_and_chinese_system_message():
 def test_phi3_chat_uses_its_own_tokens():
     prompt = build_prompt(get_template("phi3-chat"), [ChatMessage(USER, "hi")])
     assert prompt == (
-        "<|system|>\nYou are an AI assistant whose name is Phi-3.<|end|>"
+        f"<|system|>\n{INTERNVL2_SYSTEM_MESSAGE}<|end|>"
         "<|user|>\nhi<|end|><|assistant|>\n"
     )
     assert get_template("phi3-chat").stop_token == "<|end|>"
 
 
-def test_hermes_2_default_system_message():
-    prompt = build_prompt(get_template("Hermes-2"), [ChatMessage(USER, "hi")])
+@pytest.mark.parametrize("name", ["internlm2-chat", "phi3-chat", "Hermes-2"])
+def test_internvl2_default_system_message_is_one_chinese_message(name):
+    """The reference's conversation.py since InternVL2 (2024-07): one default for all three templates."""
+    assert get_template(name).system_message == (
+        "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+    )
+
+
+def test_internvl1_5_era_default_system_messages():
+    assert LEGACY_SYSTEM_MESSAGES == {
+        "internlm2-chat": "You are an AI assistant whose name is InternLM (书生·浦语).",
+        "phi3-chat": "You are an AI assistant whose name is Phi-3.",
+        "Hermes-2": "Answer the questions.",
+    }
+    prompt = build_prompt(get_template("Hermes-2"), [ChatMessage(USER, "hi")], LEGACY_SYSTEM_MESSAGES["Hermes-2"])
     assert prompt.startswith("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\nhi")
+
+
+def test_assistant_turns_are_stripped_as_the_reference_keeps_them():
+    """chat() keeps response.strip() in its history; a client that sends back the raw reply gets the same prompt."""
+    template = get_template("internvl2_5")
+    raw = [ChatMessage(USER, "hi"), ChatMessage(ASSISTANT, "\n A cat. \n"), ChatMessage(USER, "More?")]
+    clean = [ChatMessage(USER, "hi"), ChatMessage(ASSISTANT, "A cat."), ChatMessage(USER, "More?")]
+    assert build_prompt(template, raw) == build_prompt(template, clean)
+    assert "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nMore?" in build_prompt(template, raw)
+
+
+def test_whitespace_only_assistant_turn_adds_its_role_only_as_the_mpt_style_does():
+    template = get_template("internlm2-chat")
+    prompt = build_prompt(template, [ChatMessage(USER, "a"), ChatMessage(ASSISTANT, "  "), ChatMessage(USER, "b")])
+    assert "<|im_start|>user\na<|im_end|><|im_start|>assistant\n<|im_start|>user\nb<|im_end|>" in prompt
 
 
 def test_system_message_precedence():

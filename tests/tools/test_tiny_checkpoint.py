@@ -194,3 +194,20 @@ def test_spec_rejects_bad_values() -> None:
         TinySpec(vision="1b")
     with pytest.raises(ValueError, match="not divisible by llm_kv_heads"):
         TinySpec(llm_heads=4, llm_kv_heads=3)
+    with pytest.raises(ValueError, match="sentencepiece tokenizer is InternLM2's"):
+        TinySpec(llm="qwen2", tokenizer="sentencepiece")
+
+
+def test_cli_sentencepiece_variant_is_an_internlm2_release_lookalike(tmp_path: Path) -> None:
+    out = tmp_path / "sp"
+    assert cli_main(["--out", str(out), "--tokenizer", "sentencepiece"]) == 0
+    assert {"tokenizer.model", "tokenization_ivl_internlm2.py", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["llm_config"]["vocab_size"] >= len(tokenizer)
+    assert (config["llm_config"]["bos_token_id"], config["llm_config"]["eos_token_id"]) == (1, 2)
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id == 1
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [2, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)

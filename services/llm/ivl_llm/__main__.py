@@ -18,6 +18,14 @@ def parse_args(argv: list[str] | None = None) -> LLMSettings:
     parser.add_argument("--backend", choices=["transformers", "lmdeploy"], help="IVL_LLM_BACKEND")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="IVL_LLM_DTYPE")
     parser.add_argument("--device", help="IVL_LLM_DEVICE, e.g. cpu or cuda")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", default=None,
+        help="IVL_LLM_TRUST_REMOTE_CODE: run the checkpoint's own tokenizer code (real InternLM2 checkpoints need it)",
+    )
+    parser.add_argument(
+        "--prefix-cache-bytes", type=int,
+        help="IVL_LLM_PREFIX_CACHE_BYTES: KV kept for reuse by later turns (default 1 GiB; 0 = off)",
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return LLMSettings(**overrides)

@@ -22,6 +22,8 @@ import torch
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from safetensors import safe_open
 
+from ivl_llm.system_messages import SystemMessageChoice, resolve_system_message
+
 INTERNLM2_RENAMES = (
     ("model.tok_embeddings.", "model.embed_tokens."),
     (".attention.wo.", ".self_attn.o_proj."),
@@ -43,9 +45,10 @@ class LLMCheckpoint:
     llm_type: str  # model_type of the LLM as stored: internlm2, qwen2, phi3, llama
     config: Any  # the transformers config of the causal LM that will run it
     template: str
-    system_message: str | None
+    system_message: str  # the default system message (see ivl_llm.system_messages)
     # config.json's "ivl_random_weights" (written by ivl_tiny): the replies of such a model are noise
     random_weights: bool = False
+    system_message_source: str = "override"  # where system_message came from
 
     @property
     def model_id(self) -> str:
@@ -120,14 +123,20 @@ def read_checkpoint(path: str | Path, template: str = "", system_message: str | 
             "expected an InternVL checkpoint",
         )
     built = _internlm2_to_llama_config(llm_cfg) if llm_type == "internlm2" else _plain_config(llm_cfg)
+    template = template or default_template
+    if system_message is not None:
+        choice = SystemMessageChoice(system_message, "override")
+    else:
+        choice = resolve_system_message(folder, config, template)
     return LLMCheckpoint(
         path=folder,
         layout=layout,
         llm_type=llm_type,
         config=built,
-        template=template or default_template,
-        system_message=system_message if system_message is not None else config.get("system_message"),
+        template=template,
+        system_message=choice.text,
         random_weights=bool(config.get("ivl_random_weights", False)),
+        system_message_source=choice.source,
     )
 
 

@@ -1,4 +1,5 @@
-"""Turning generated token ids into text deltas: incremental UTF-8-safe detokenizing and stop strings."""
+"""Turning generated token ids into text deltas: incremental UTF-8-safe detokenizing, stop strings and the
+reference's final strip()."""
 
 from __future__ import annotations
 
@@ -78,3 +79,24 @@ class StopStringMatcher:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+class ReplyStripper:
+    """Streams a reply the way the reference returns it, `reply.strip()`: leading whitespace is never
+    sent, trailing whitespace is held back until more text follows, so the deltas concatenate to
+    exactly the stripped reply and no whitespace-only delta ends a stream."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        buffer = self.held + text
+        body = buffer.rstrip()
+        self.held = buffer[len(body) :]
+        return body

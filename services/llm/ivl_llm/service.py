@@ -11,7 +11,7 @@ from ivl_proto.errors import ErrorCode, ServingError
 
 from ivl_llm.backends.base import Backend
 from ivl_llm.checkpoint import LLMCheckpoint, load_tokenizer, read_checkpoint
-from ivl_llm.decoding import IncrementalDetokenizer, StopStringMatcher
+from ivl_llm.decoding import IncrementalDetokenizer, ReplyStripper, StopStringMatcher
 from ivl_llm.prompt import ImageEmbedding, PromptBuilder
 from ivl_llm.sampling import Sampling
 from ivl_llm.scheduler import Scheduler
@@ -40,6 +40,8 @@ class Usage:
     time_to_first_token_s: float
     decode_tokens_per_s: float
     total_s: float
+    cached_prompt_tokens: int = 0  # leading prompt tokens whose KV was reused (not computed again)
+    prefill_s: float = 0.0  # the engine's time for the rest of the prompt (0 when it does not tell)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,10 @@ def make_backend(settings: LLMSettings, checkpoint: LLMCheckpoint) -> Backend:
         return LMDeployBackend.from_settings(settings, checkpoint)
     from ivl_llm.backends.hf import TransformersBackend
 
-    return TransformersBackend(checkpoint, settings.dtype, settings.device, settings.max_concurrency, settings.torch_threads)
+    return TransformersBackend(
+        checkpoint, settings.dtype, settings.device, settings.max_concurrency, settings.torch_threads,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
+    )
 
 
 class LLMService:
@@ -74,8 +79,12 @@ class LLMService:
         self.ready = False
 
     def _stop_token_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(self.template.stop_token)}
-        return frozenset(int(i) for i in ids if i is not None and i != self.tokenizer.unk_token_id)
+        """The template separator's token only, as the reference chat() passes eos_token_id; eos only for
+        a tokenizer without that token (what the InternVL 1.5-era chat() did)."""
+        for token_id in (self.tokenizer.convert_tokens_to_ids(self.template.stop_token), self.tokenizer.eos_token_id):
+            if token_id is not None and token_id != self.tokenizer.unk_token_id:
+                return frozenset({int(token_id)})
+        return frozenset()
 
     async def start(self) -> None:
         await self.backend.start()
@@ -100,6 +109,19 @@ class LLMService:
             "max_concurrency": self.settings.max_concurrency,
             "max_queue": self.settings.max_queue,
             "random_weights": self.checkpoint.random_weights,
+            "system_message_source": self.checkpoint.system_message_source,
+            **self._prefix_cache_info(),
+        }
+
+    def _prefix_cache_info(self) -> dict[str, int]:
+        stats_of = getattr(self.backend, "cache_stats", None)
+        if stats_of is None:
+            return {}
+        stats = stats_of()
+        return {
+            "prefix_cache_budget_bytes": stats.budget_bytes,
+            "prefix_cache_used_bytes": stats.used_bytes,
+            "prefix_cache_entries": stats.entries,
         }
 
     async def generate(
@@ -121,6 +143,7 @@ class LLMService:
         generation.finished.add_done_callback(lambda _: slot.release())
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         matcher = StopStringMatcher(sampling.stop)
+        stripper = ReplyStripper()
         count, pending, reason = 0, list[int](), FINISH_CANCELLED
         first_at = last_at = 0.0
         try:
@@ -132,7 +155,7 @@ class LLMService:
                     reason = FINISH_STOP
                     break
                 pending.append(token_id)
-                text = matcher.feed(detokenizer.push(token_id))
+                text = stripper.feed(matcher.feed(detokenizer.push(token_id)))
                 if text:
                     yield TextDelta(text, tuple(pending))
                     pending = []
@@ -142,12 +165,13 @@ class LLMService:
             else:
                 reason = FINISH_LENGTH if count >= prompt.max_new_tokens else FINISH_STOP
             if not matcher.stopped:  # what the detokenizer and the stop matcher still hold
-                tail = matcher.feed(detokenizer.flush()) + matcher.flush()
+                tail = stripper.feed(matcher.feed(detokenizer.flush()) + matcher.flush())
                 if tail or pending:
                     yield TextDelta(tail, tuple(pending))
         finally:
             generation.cancel()
         decode_s = last_at - first_at
+        prefill = getattr(generation, "prefill", None)
         yield Finished(
             reason,
             Usage(
@@ -156,5 +180,7 @@ class LLMService:
                 time_to_first_token_s=(first_at - started) if count else 0.0,
                 decode_tokens_per_s=(count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0,
                 total_s=time.perf_counter() - started,
+                cached_prompt_tokens=prefill.cached_tokens if prefill else 0,
+                prefill_s=prefill.prefill_s if prefill else 0.0,
             ),
         )

@@ -34,8 +34,19 @@ class LLMSettings(BaseSettings):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024)
     grace_s: float = Field(5.0, ge=0)
     warmup: bool = True
+    prefix_cache_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="transformers backend: bytes of KV (on the model's device) kept for reuse by later requests "
+        "that extend an earlier prompt, e.g. the next turn of a chat; 0 turns reuse off",
+    )
     # LMDeploy TurboMind knobs (backend == "lmdeploy").
     tp: int = Field(1, ge=1)
     session_len: int = Field(0, ge=0, description="0 = context_length")
     cache_max_entry_count: float = Field(0.8, gt=0, le=1)
     instances: int = Field(0, ge=0, description="TurboMind engine instances; 0 = max_concurrency")
+    enable_prefix_caching: bool = Field(
+        True, description="TurboMind prefix caching (reuses KV of text-only requests; see docs/llm.md)"
+    )
+    cache_prompt: Literal["auto", "all"] = Field("auto", description="TurboMind cache_prompt mode")
+    cache_generation: Literal["auto", "all", "none"] = Field("auto", description="TurboMind cache_generation mode")

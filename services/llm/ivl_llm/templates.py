@@ -1,9 +1,16 @@
 """Conversation templates of the InternVL checkpoints, built the way the reference chat() builds them.
 
 All InternVL chat templates use the reference's "MPT" separator style:
-    system_template.format(system) + sep, then for every turn role + text + sep,
-    then the assistant role with no text (the generation prompt).
-The reference stops generation on the token `sep.strip()` (e.g. '<|im_end|>'); we also stop on eos.
+    system_template.format(system) + sep, then for every turn role + text + sep (a turn whose text is
+    empty adds its role only), then the assistant role with no text (the generation prompt).
+The reference stops generation only on the token `sep.strip()` (e.g. '<|im_end|>'), returns
+`reply.split(sep)[0].strip()` and keeps that stripped text in the history; assistant turns are
+stripped here so a client that sends back an unstripped reply still gets the reference's prompt.
+
+Default system messages: each template's `system_message` is the one of the reference's
+conversation.py since InternVL2 (one Chinese message for internlm2-chat, phi3-chat and Hermes-2);
+`LEGACY_SYSTEM_MESSAGES` are the InternVL 1.5-era ones (see ivl_llm.system_messages for the choice
+per checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ INTERNLM2_SYSTEM_MESSAGE = "You are an AI assistant whose name is InternLM (书�
 INTERNVL2_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
+PHI3_SYSTEM_MESSAGE = "You are an AI assistant whose name is Phi-3."
+HERMES2_SYSTEM_MESSAGE = "Answer the questions."
 INTERNVL2_5_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -54,7 +63,7 @@ TEMPLATES: dict[str, Template] = {
         Template(
             name="internlm2-chat",
             system_template="<|im_start|>system\n{system_message}",
-            system_message=INTERNLM2_SYSTEM_MESSAGE,
+            system_message=INTERNVL2_SYSTEM_MESSAGE,
             user_prefix="<|im_start|>user\n",
             assistant_prefix="<|im_start|>assistant\n",
             sep="<|im_end|>",
@@ -63,7 +72,7 @@ TEMPLATES: dict[str, Template] = {
         Template(
             name="phi3-chat",
             system_template="<|system|>\n{system_message}",
-            system_message="You are an AI assistant whose name is Phi-3.",
+            system_message=INTERNVL2_SYSTEM_MESSAGE,
             user_prefix="<|user|>\n",
             assistant_prefix="<|assistant|>\n",
             sep="<|end|>",
@@ -72,7 +81,7 @@ TEMPLATES: dict[str, Template] = {
         Template(
             name="Hermes-2",
             system_template="<|im_start|>system\n{system_message}",
-            system_message="Answer the questions.",
+            system_message=INTERNVL2_SYSTEM_MESSAGE,
             user_prefix="<|im_start|>user\n",
             assistant_prefix="<|im_start|>assistant\n",
             sep="<|im_end|>",
@@ -87,6 +96,15 @@ TEMPLATES: dict[str, Template] = {
             sep="<|im_end|>\n",
         ),
     )
+}
+
+
+# The defaults of InternVL 1.5-era conversation.py (InternVL-Chat-V1-5, Mini-InternVL-Chat-2B/4B-V1-5,
+# and the V1-2 Hermes-2 checkpoints), before InternVL2 replaced all three with INTERNVL2_SYSTEM_MESSAGE.
+LEGACY_SYSTEM_MESSAGES: dict[str, str] = {
+    "internlm2-chat": INTERNLM2_SYSTEM_MESSAGE,
+    "phi3-chat": PHI3_SYSTEM_MESSAGE,
+    "Hermes-2": HERMES2_SYSTEM_MESSAGE,
 }
 
 
@@ -126,8 +144,11 @@ def build_prompt(template: Template, messages: Sequence[ChatMessage], system_mes
         system = turns.pop(0).content
     parts = [template.system_template.format(system_message=system), template.sep]
     for message in turns:
-        prefix = template.user_prefix if message.role == ROLE_USER else template.assistant_prefix
-        parts += [prefix, message.content, template.sep]
+        if message.role == ROLE_USER:
+            parts += [template.user_prefix, message.content, template.sep]
+            continue
+        reply = message.content.strip()  # the reference keeps response.strip() in its history
+        parts += [template.assistant_prefix, reply, template.sep] if reply else [template.assistant_prefix]
     parts.append(template.assistant_prefix)
     return "".join(parts)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ivl_tiny.spec import LLM_KINDS, PRESETS, PS_VERSIONS, VISION_FLAVOURS, spec_from_preset
+from ivl_tiny.spec import LLM_KINDS, PRESETS, PS_VERSIONS, TOKENIZERS, VISION_FLAVOURS, spec_from_preset
 from ivl_tiny.writer import LAYOUTS, write_tiny_checkpoint
 
 
@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument(
+        "--tokenizer", choices=TOKENIZERS, default=None,
+        help="sentencepiece: InternLM2's kind (tokenizer.model + own class; load with trust_remote_code)",
+    )
     return parser
 
 
@@ -28,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = spec_from_preset(
             args.preset, vision=args.vision, llm=args.llm, ps_version=args.ps_version,
-            template=args.template, seed=args.seed, dtype=args.dtype,
+            template=args.template, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer,
         )
         folder = write_tiny_checkpoint(args.out, spec, layout=args.layout)
     except (ValueError, FileExistsError) as error:

@@ -10,6 +10,7 @@ VISION_FLAVOURS = ("300m", "6b")
 LLM_KINDS = ("internlm2", "qwen2")
 PS_VERSIONS = ("v1", "v2")
 DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZERS = ("bpe", "sentencepiece")
 DEFAULT_TEMPLATES = {"internlm2": "internlm2-chat", "qwen2": "internvl2_5"}
 
 
@@ -51,8 +52,11 @@ class TinySpec:
     min_dynamic_patch: int = 1
     use_thumbnail: bool = True
     dynamic_image_size: bool = True
-    # tokenizer
+    # tokenizer: "bpe" (tokenizers, byte-level, no BOS) or "sentencepiece" (InternLM2 only: tokenizer.model +
+    # the checkpoint's own tokenizer class through trust_remote_code, BOS added, as the real InternLM2 releases)
+    tokenizer: str = "bpe"
     tokenizer_merges_target: int = 512  # BPE vocabulary target before the special tokens are added
+    sentencepiece_vocab: int = 640  # sentencepiece model size before the chat tokens (>= 256 byte pieces + chars)
     vocab_multiple: int = 64  # config vocab_size = len(tokenizer) rounded up to this
 
     def __post_init__(self) -> None:
@@ -60,6 +64,9 @@ class TinySpec:
         _check_choice("llm", self.llm, LLM_KINDS)
         _check_choice("ps_version", self.ps_version, PS_VERSIONS)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        if self.tokenizer == "sentencepiece" and self.llm != "internlm2":
+            raise ValueError("the sentencepiece tokenizer is InternLM2's; use it with llm internlm2")
         if self.vision_hidden % self.vision_heads:
             raise ValueError(f"vision_hidden {self.vision_hidden} is not divisible by vision_heads {self.vision_heads}")
         if self.llm_hidden % self.llm_heads:

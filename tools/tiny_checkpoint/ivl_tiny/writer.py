@@ -10,7 +10,14 @@ from ivl_tiny.native_model import build_native_config, padded_vocab_size, random
 from ivl_tiny.original_layout import original_config, to_original_state_dict
 from ivl_tiny.shards import write_sharded
 from ivl_tiny.spec import TinySpec
-from ivl_tiny.tokenizer import SpecialTokenIds, build_tokenizer, save_tokenizer, special_token_ids
+from ivl_tiny.tokenizer import (
+    SpecialTokenIds,
+    build_sentencepiece_tokenizer,
+    build_tokenizer,
+    save_sentencepiece_tokenizer,
+    save_tokenizer,
+    special_token_ids,
+)
 
 LAYOUTS = ("original", "native")
 # config.json key marking a checkpoint as random (its replies are noise); services report it in Info.
@@ -30,7 +37,10 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, lay
         raise FileExistsError(f"{folder} is not empty; the writer only fills an empty or new folder")
     folder.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(spec.tokenizer_merges_target, pad_token="</s>" if spec.llm == "internlm2" else "<|endoftext|>")
+    if spec.tokenizer == "sentencepiece":
+        tokenizer = build_sentencepiece_tokenizer(folder, spec.sentencepiece_vocab)
+    else:
+        tokenizer = build_tokenizer(spec.tokenizer_merges_target, pad_token="</s>" if spec.llm == "internlm2" else "<|endoftext|>")
     ids = special_token_ids(tokenizer)
     vocab_size = padded_vocab_size(len(tokenizer), spec.vocab_multiple)
     native_config = build_native_config(spec, ids, vocab_size)
@@ -51,7 +61,10 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, lay
         is_llm = {name: name.startswith("language_model.") for name in tensors}
     write_sharded(folder, tensors, is_llm)
     (folder / "generation_config.json").write_text(json.dumps(_generation_config(spec, ids), indent=2) + "\n")
-    save_tokenizer(tokenizer, folder)
+    if spec.tokenizer == "sentencepiece":
+        save_sentencepiece_tokenizer(tokenizer, folder)
+    else:
+        save_tokenizer(tokenizer, folder)
     return folder
 
 

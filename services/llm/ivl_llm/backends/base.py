@@ -18,11 +18,22 @@ class BackendInfo:
     device: str
 
 
+@dataclass(frozen=True)
+class PrefillStats:
+    """How the prompt of one generation was processed."""
+
+    prompt_tokens: int
+    cached_tokens: int  # leading prompt tokens whose KV was reused instead of computed
+    prefill_s: float  # computing the rest of the prompt, up to the first token's logits
+
+
 class Generation(Protocol):
     """One running generation. Iterate it for token ids (the last may be a stop token); `cancel()`
-    stops the engine at its next step; `finished` resolves once the engine has really let go."""
+    stops the engine at its next step; `finished` resolves once the engine has really let go.
+    `prefill` is set once the prompt has been processed (None if the engine does not tell)."""
 
     finished: asyncio.Future[None]
+    prefill: PrefillStats | None
 
     def __aiter__(self) -> AsyncIterator[int]: ...
 

@@ -3,12 +3,18 @@
 The prompt's '<IMG_CONTEXT>' rows of inputs_embeds are replaced by the given visual embeddings, exactly
 as InternVL's all-in-one model does; sampling uses transformers' logits processors with a seeded
 torch.Generator per request; cancellation is checked before every model step.
+
+Prefix reuse (ivl_llm.prefix_cache): before the prefill, the longest stored prefix of the prompt (token
+ids + image digests) is copied into the request's cache and only the rest of the prompt is computed;
+after the generation, the KV of everything fed (prompt + generated tokens) is stored for later turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ivl_llm.backends.base import BackendInfo
-from ivl_llm.backends.threaded import Emit, ThreadedGeneration
+from ivl_llm.backends.base import BackendInfo, PrefillStats
+from ivl_llm.backends.threaded import Emit, Report, ThreadedGeneration
 from ivl_llm.checkpoint import LLMCheckpoint, build_causal_lm
+from ivl_llm.prefix_cache import PrefixCacheStats, PrefixKVCache, PromptKey
 from ivl_llm.prompt import ImageEmbedding, PreparedPrompt
 from ivl_llm.sampling import Sampling
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,8 +63,29 @@ def build_processors(sampling: Sampling) -> Any:
     return processors
 
 
+def reuse_blocker(model: Any) -> str | None:
+    """Why stored KV of a prefix would not equal a fresh prefill's in this model, or None."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        return "sliding-window attention layers keep only the last window"
+    rope = getattr(model.config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "dynamic" in str(rope.get("rope_type", rope.get("type", ""))):
+        return "dynamic NTK RoPE scaling changes every position's rotation with the sequence length"
+    return None
+
+
 class TransformersBackend:
-    def __init__(self, checkpoint: LLMCheckpoint, dtype: str, device: str, max_concurrency: int, torch_threads: int = 0) -> None:
+    def __init__(
+        self,
+        checkpoint: LLMCheckpoint,
+        dtype: str,
+        device: str,
+        max_concurrency: int,
+        torch_threads: int = 0,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
         self.checkpoint = checkpoint
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.device = device
@@ -63,6 +93,8 @@ class TransformersBackend:
         self.info = BackendInfo(name="transformers", dtype=dtype, device=device)
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ivl-llm")
         self.model: Any = None
+        # One cache per loaded model: KV is never shared across checkpoints, dtypes or devices.
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
 
     async def start(self) -> None:
         if self.torch_threads > 0:
@@ -70,16 +102,27 @@ class TransformersBackend:
         self.model = await asyncio.get_running_loop().run_in_executor(
             self._executor, build_causal_lm, self.checkpoint, self.torch_dtype, self.device
         )
+        blocker = reuse_blocker(self.model) if self.prefix_cache.enabled else None
+        if blocker is not None:
+            log.warning("prefix KV reuse is off for %s: %s", self.checkpoint.model_id, blocker)
+            self.prefix_cache = PrefixKVCache(0)
 
     async def warm_up(self, input_ids: list[int]) -> None:
         prompt = PreparedPrompt("", input_ids, [], [], 2)
-        async for _ in self.generate(prompt, Sampling(max_new_tokens=2), ()):
+        async for _ in self.generate(prompt, Sampling(max_new_tokens=2), (), reuse=False):
             pass
 
-    def generate(self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int]) -> ThreadedGeneration:
+    def cache_stats(self) -> PrefixCacheStats:
+        return self.prefix_cache.stats()
+
+    def generate(
+        self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int], reuse: bool = True
+    ) -> ThreadedGeneration:
         stops = frozenset(int(i) for i in stop_token_ids)
+        cache = self.prefix_cache if reuse else PrefixKVCache(0)
         return ThreadedGeneration(
-            self._executor, lambda emit, cancelled: self._decode(prompt, sampling, stops, emit, cancelled)
+            self._executor,
+            lambda emit, cancelled, report: self._decode(prompt, sampling, stops, cache, emit, cancelled, report),
         )
 
     def prompt_embeddings(self, prompt: PreparedPrompt) -> torch.Tensor:
@@ -89,36 +132,70 @@ class TransformersBackend:
             embeds[0, start:end] = embedding_to_torch(embedding).to(device=self.device, dtype=embeds.dtype)
         return embeds
 
-    def _decode(
-        self, prompt: PreparedPrompt, sampling: Sampling, stops: frozenset[int], emit: Emit, cancelled: threading.Event
-    ) -> None:
+    def _prefill(self, prompt: PreparedPrompt, key: PromptKey | None, store: PrefixKVCache) -> tuple[Any, Any, int]:
+        """(model output with the last prompt position's logits, the request's cache, reused tokens)."""
         from transformers import DynamicCache
 
+        hit = store.lookup(key, len(prompt.input_ids) - 1) if key is not None else None
+        if hit is None:
+            cache = DynamicCache(config=self.model.config)
+            reused = 0
+        else:
+            reused = hit.length
+            prefix = [(k[..., :reused, :], v[..., :reused, :]) for k, v in hit.layers]
+            cache = DynamicCache(ddp_cache_data=prefix, config=self.model.config)  # a copy: entries stay unchanged
+        embeds = self.prompt_embeddings(prompt)[:, reused:]
+        out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out, cache, reused
+
+    def _decode(
+        self,
+        prompt: PreparedPrompt,
+        sampling: Sampling,
+        stops: frozenset[int],
+        store: PrefixKVCache,
+        emit: Emit,
+        cancelled: threading.Event,
+        report: Report,
+    ) -> None:
         processors = build_processors(sampling)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(sampling.seed))
         seen = torch.tensor([prompt.input_ids], device=self.device)
+        key = PromptKey.of(prompt) if store.enabled else None
+        fed: list[int] = []  # generated tokens whose KV is in the cache
         with torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(inputs_embeds=self.prompt_embeddings(prompt), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            for step in range(prompt.max_new_tokens):
-                if cancelled.is_set():
-                    return
-                scores = processors(seen, out.logits[:, -1, :].float())
-                if sampling.greedy:
-                    token = torch.argmax(scores, dim=-1)
-                else:
-                    probs = torch.softmax(scores, dim=-1)
-                    token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-                token_id = int(token.item())
-                emit(token_id)
-                if token_id in stops or step == prompt.max_new_tokens - 1:
-                    return
-                seen = torch.cat([seen, token[:, None]], dim=1)
-                if cancelled.is_set():
-                    return
-                out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            started = time.perf_counter()
+            out, cache, reused = self._prefill(prompt, key, store)
+            try:
+                for step in range(prompt.max_new_tokens):
+                    if cancelled.is_set():
+                        return
+                    scores = processors(seen, out.logits[:, -1, :].float())
+                    if sampling.greedy:
+                        token = torch.argmax(scores, dim=-1)
+                    else:
+                        probs = torch.softmax(scores, dim=-1)
+                        token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                    token_id = int(token.item())
+                    if step == 0:
+                        report(PrefillStats(len(prompt.input_ids), reused, time.perf_counter() - started))
+                    emit(token_id)
+                    if token_id in stops or step == prompt.max_new_tokens - 1:
+                        return
+                    seen = torch.cat([seen, token[:, None]], dim=1)
+                    if cancelled.is_set():
+                        return
+                    out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+                    fed.append(token_id)
+            except BaseException:
+                key = None  # a failed step may have left the layers at different lengths: keep nothing
+                raise
+            finally:
+                if key is not None:
+                    layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+                    store.store(key.extended(fed), layers, prompt_length=len(key))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

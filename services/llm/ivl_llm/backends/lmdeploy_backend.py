@@ -5,6 +5,12 @@ vision weights; `language_model_only=True` is passed where the installed version
 sends `input_ids` + `input_embeddings` (one tensor per image) + `input_embedding_ranges` ([start, end)
 of each image's '<IMG_CONTEXT>' run) to one engine instance taken from a pool; cancelling closes the
 stream, which makes TurboMind cancel the sequence, then the session is ended and the instance returned.
+
+Checked against LMDeploy 0.18.0's Python layer (tests/llm/test_lmdeploy_contract.py). Prefix caching
+(`enable_prefix_caching`, `cache_prompt`, `cache_generation`) is switched on from settings; TurboMind's
+scheduler leaves requests that carry `input_embeddings` out of it (Scheduler::PrefixEligible in its C++
+source), so it reuses the KV of text-only requests, and `cached_tokens` of its request metrics tells
+how many prompt tokens it reused.
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ivl_proto.errors import ErrorCode, ServingError
 
-from ivl_llm.backends.base import BackendInfo
+from ivl_llm.backends.base import BackendInfo, PrefillStats
 from ivl_llm.checkpoint import LLMCheckpoint
 from ivl_llm.prompt import ImageEmbedding, PreparedPrompt
 from ivl_llm.sampling import Sampling
@@ -31,6 +39,15 @@ if TYPE_CHECKING:  # pydantic-settings is not needed to drive the backend direct
 log = logging.getLogger(__name__)
 
 OK_STATUSES = ("SUCCESS", "FINISH", "CANCEL")
+# lmdeploy.messages.ResponseType names -> what the caller can do about it
+FAILED_STATUSES = {
+    "INPUT_LENGTH_ERROR": (ErrorCode.INVALID_ARGUMENT, "the prompt is longer than TurboMind's session_len"),
+    "NO_QUEUE": (ErrorCode.RESOURCE_EXHAUSTED, "TurboMind's request queue is full; retry shortly"),
+    "OUT_OF_MEMORY": (ErrorCode.RESOURCE_EXHAUSTED, "TurboMind ran out of KV cache memory; retry shortly"),
+}
+MAX_TEMPERATURE = 2.0  # lmdeploy.GenerationConfig asserts 0 <= temperature <= 2
+# Older TurboMind instances took these per call; 0.18's async_stream_infer has no such parameters.
+LEGACY_STREAM_ARGS = {"sequence_start": True, "sequence_end": True, "step": 0}
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,20 @@ def embedding_for_engine(embedding: ImageEmbedding) -> Any:
     return embedding_to_torch(embedding)
 
 
+def stream_arguments(instance: Any) -> dict[str, Any]:
+    """The legacy per-call arguments the instance's async_stream_infer still names (none in 0.18)."""
+    try:
+        named = inspect.signature(instance.async_stream_infer).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in LEGACY_STREAM_ARGS.items() if k in named}
+
+
+def failure(status: str) -> ServingError:
+    code, message = FAILED_STATUSES.get(status, (ErrorCode.INTERNAL, "TurboMind failed the request"))
+    return ServingError(code, f"{message} ({status})")
+
+
 class LMDeployGeneration:
     """One request on one pooled TurboMind instance; iterate for token ids, cancel() to stop."""
 
@@ -72,6 +103,8 @@ class LMDeployGeneration:
         self._started = False
         self._closing: asyncio.Task[None] | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.prefill: PrefillStats | None = None
+        self._gen_config = backend.generation_config(prompt, sampling, stops)  # invalid values fail here
         self._tokens = self._run()
 
     def __aiter__(self) -> AsyncIterator[int]:
@@ -89,28 +122,36 @@ class LMDeployGeneration:
         with contextlib.suppress(RuntimeError):
             await self._tokens.aclose()
 
+    def _prefill_stats(self, output: Any, elapsed_s: float) -> PrefillStats:
+        """Prompt tokens TurboMind reused (its request metrics, when enable_metrics is on) and the time to
+        the first output (queueing inside the engine included: TurboMind does not report prefill alone)."""
+        metrics = getattr(output, "req_metrics", None)
+        cached = int(getattr(metrics, "cached_tokens", 0) or 0)
+        return PrefillStats(len(self._prompt.input_ids), cached, elapsed_s)
+
     async def _run(self) -> AsyncIterator[int]:
         self._started = True
         backend = self._backend
         instance = await backend.pool.get()
         session_id = next(backend.session_ids)
         try:
+            started = time.perf_counter()
             stream = instance.async_stream_infer(
                 session_id,
                 list(self._prompt.input_ids),
                 input_embeddings=[embedding_for_engine(e) for e in self._prompt.embeddings] or None,
                 input_embedding_ranges=[list(r) for r in self._prompt.embedding_ranges] or None,
-                gen_config=backend.generation_config(self._prompt, self._sampling, self._stops),
-                sequence_start=True,
-                sequence_end=True,
-                step=0,
+                gen_config=self._gen_config,
                 stream_output=True,
+                **stream_arguments(instance),
             )
             try:
                 async for output in stream:
                     status = getattr(output.status, "name", str(output.status))
                     if status not in OK_STATUSES:
-                        raise ServingError(ErrorCode.INTERNAL, f"TurboMind failed the request: {status}")
+                        raise failure(status)
+                    if self.prefill is None and output.token_ids:
+                        self.prefill = self._prefill_stats(output, time.perf_counter() - started)
                     for token_id in output.token_ids:
                         yield int(token_id)
             finally:
@@ -140,19 +181,30 @@ class LMDeployBackend:
     def from_settings(cls, settings: LLMSettings, checkpoint: LLMCheckpoint) -> LMDeployBackend:
         return cls(checkpoint, settings)
 
+    def engine_values(self) -> dict[str, Any]:
+        """Every TurbomindEngineConfig field this backend sets (0.18 knows them all)."""
+        settings = self.settings
+        return {
+            "tp": settings.tp,
+            "session_len": settings.session_len or settings.context_length or self.checkpoint.context_length,
+            "cache_max_entry_count": settings.cache_max_entry_count,
+            "max_batch_size": self.instances,
+            "dtype": {"float32": "auto"}.get(settings.dtype, settings.dtype),
+            "language_model_only": True,
+            "enable_prefix_caching": settings.enable_prefix_caching,
+            "cache_prompt": settings.cache_prompt,
+            "cache_generation": settings.cache_generation,
+            "enable_metrics": True,  # per-request cached_tokens
+        }
+
     def engine_config(self) -> Any:
         api = self.api or load_lmdeploy_api()
-        values: dict[str, Any] = {
-            "tp": self.settings.tp,
-            "session_len": self.settings.session_len or self.settings.context_length or self.checkpoint.context_length,
-            "cache_max_entry_count": self.settings.cache_max_entry_count,
-            "max_batch_size": self.instances,
-            "dtype": {"float32": "auto"}.get(self.settings.dtype, self.settings.dtype),
-        }
-        known = {f.name for f in dataclasses.fields(api.engine_config)} if dataclasses.is_dataclass(api.engine_config) else None
-        if known is None or "language_model_only" in known:
-            values["language_model_only"] = True
-        if known is not None:
+        values = self.engine_values()
+        if dataclasses.is_dataclass(api.engine_config):  # older versions lack some fields: leave those out
+            known = {f.name for f in dataclasses.fields(api.engine_config)}
+            dropped = sorted(set(values) - known)
+            if dropped:
+                log.warning("this LMDeploy's TurbomindEngineConfig has no %s; running without", ", ".join(dropped))
             values = {k: v for k, v in values.items() if k in known}
         return api.engine_config(**values)
 
@@ -168,6 +220,12 @@ class LMDeployBackend:
 
     def generation_config(self, prompt: PreparedPrompt, sampling: Sampling, stops: list[int]) -> Any:
         assert self.api is not None
+        if sampling.temperature > MAX_TEMPERATURE:
+            raise ServingError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"temperature is {sampling.temperature}; the lmdeploy backend accepts 0 (greedy) .. {MAX_TEMPERATURE}",
+            )
+        # TurboMind ignores do_sample: greedy is top_k=1 (its sampling layer takes top_k/top_p/temperature).
         return self.api.generation_config(
             max_new_tokens=prompt.max_new_tokens,
             do_sample=not sampling.greedy,

@@ -7,22 +7,27 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
+from ivl_llm.backends.base import PrefillStats
+
 _DONE = object()
 
 Emit = Callable[[int], None]
+Report = Callable[[PrefillStats], None]
 
 
 class ThreadedGeneration:
-    """Runs `work(emit, cancelled)` on `executor`; the work calls emit(token_id) per token and checks
-    `cancelled` (a threading.Event) before every step. Iterating yields the emitted ids."""
+    """Runs `work(emit, cancelled, report)` on `executor`; the work calls emit(token_id) per token, checks
+    `cancelled` (a threading.Event) before every step and may report(PrefillStats) before its first
+    token (read as `prefill` once a token has arrived). Iterating yields the emitted ids."""
 
     def __init__(
-        self, executor: Executor, work: Callable[[Emit, threading.Event], None]
+        self, executor: Executor, work: Callable[[Emit, threading.Event, Report], None]
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._work = work
+        self.prefill: PrefillStats | None = None
         future = self._loop.run_in_executor(executor, self._run)
         self.finished: asyncio.Future[None] = future
 
@@ -34,11 +39,14 @@ class ThreadedGeneration:
 
     def _run(self) -> None:
         try:
-            self._work(self._put, self._cancelled)
+            self._work(self._put, self._cancelled, self._report)
         except BaseException as error:  # handed to the consumer, raised there
             self._put(error)
         finally:
             self._put(_DONE)
+
+    def _report(self, stats: PrefillStats) -> None:
+        self.prefill = stats  # written before the first token is queued, read after it is received
 
     def cancel(self) -> None:
         self._cancelled.set()
