@@ -1,7 +1,7 @@
 """Image preprocessing speed: ours vs the reference-style pipeline vs transformers' GotOcr2 vs the floor.
 
 Every method starts from the encoded bytes and ends with normalised float32 tiles:
-- ours:      ivl_vision.preprocess.Preprocessor.preprocess (decode, one resize, LUT gather);
+- ours:      ivl_vision.preprocess.preprocess_trusted (decode, one resize, LUT gather), in-process;
 - reference: Image.open(...).convert('RGB') + tests/vision/reference_tiling.py (PIL resize, PIL crop
              per tile, torch ToTensor + Normalize, torch.stack), i.e. the InternVL model-card code;
 - GotOcr2:   transformers' GotOcr2 image processor, PIL backend (the torchvision one cannot import
@@ -11,10 +11,13 @@ Every method starts from the encoded bytes and ends with normalised float32 tile
 Images (synthetic, fixed seeds): a photo-like 3840x2160 JPEG, a screenshot-like 1920x1080 PNG and a
 tall 1700x8000 scan PNG; max_tiles 6, 12 and 40. torch runs on 1 thread (like our numpy path). Methods take turns; the
 table gives images/s per core from thread CPU time (robust on a shared machine) and the wall ratio.
-`--threads` also measures ours on the Preprocessor's thread pool (2 workers) vs one thread.
+`--pool` also measures throughput (8 images in flight, max_tiles 12) of the service's way to run it, the
+sandboxed decode workers (header probe + decode + tile in worker processes, pixels back through a pipe;
+bit-exact check included), against the in-process thread pool the service used before them, at 1 and
+2 workers, interleaved round by round.
 
     .venv/bin/python bench/bench_preprocess.py              # ~2-3 min, appends to bench/RESULTS.md
-    .venv/bin/python bench/bench_preprocess.py --threads    # plus the thread-pool throughput
+    .venv/bin/python bench/bench_preprocess.py --pool       # plus sandbox vs thread pool throughput
     .venv/bin/python bench/bench_preprocess.py --quick --no-append
 """
 
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,7 +46,7 @@ from benchlib import (
     versions,
 )
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import Preprocessor
+from ivl_vision.preprocess import Preprocessor, SandboxLimits, preprocess_trusted
 from ivl_vision.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, plan_tiles
 from PIL import Image, ImageDraw
 
@@ -120,7 +124,7 @@ def interleaved(
     return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in runs}
 
 
-def methods(data: bytes, max_tiles: int, preprocessor: Preprocessor) -> dict[str, Callable[[], object]]:
+def methods(data: bytes, max_tiles: int) -> dict[str, Callable[[], object]]:
     config = TilingConfig(max_tiles=max_tiles)
     got_ocr2 = transformers.GotOcr2ImageProcessorPil(
         crop_to_patches=True,
@@ -141,20 +145,61 @@ def methods(data: bytes, max_tiles: int, preprocessor: Preprocessor) -> dict[str
         return image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
 
     return {
-        "ours": lambda: preprocessor.preprocess(data, config).pixels,
+        "ours": lambda: preprocess_trusted(data, config, ImageLimits()).pixels,
         "reference": lambda: reference_pixels(decoded(), 1, max_tiles).numpy(),
         "GotOcr2": lambda: got_ocr2(images=decoded(), return_tensors="np")["pixel_values"],
         "floor": floor,
     }
 
 
-def pool_throughput(data: bytes, config: TilingConfig, workers: int, count: int) -> float:
-    async def run() -> float:
-        with Preprocessor(ImageLimits(), max_workers=workers) as preprocessor:
-            await preprocessor.preprocess_async(data, config)  # warm-up
-            started = time.perf_counter()
-            await asyncio.gather(*(preprocessor.preprocess_async(data, config) for _ in range(count)))
-            return count / (time.perf_counter() - started)
+async def _thread_pool_rate(executor: ThreadPoolExecutor, data: bytes, config: TilingConfig, count: int) -> float:
+    """Before the sandbox: decode + tile in-process on a thread pool (what the service did)."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    await asyncio.gather(*(loop.run_in_executor(executor, preprocess_trusted, data, config, ImageLimits())
+                           for _ in range(count)))
+    return count / (time.perf_counter() - started)
+
+
+async def _sandbox_rate(preprocessor: Preprocessor, data: bytes, config: TilingConfig, count: int) -> float:
+    """The service now: a header probe and a decode + tile per image, in the sandboxed workers."""
+
+    async def one() -> object:
+        return await preprocessor.tile(data, config, await preprocessor.probe(data))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return count / (time.perf_counter() - started)
+
+
+def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int) -> dict[tuple[str, int], float]:
+    """{(kind, workers): median images/s} for the thread pool and the sandbox at 1 and 2 workers, interleaved."""
+
+    async def run() -> dict[tuple[str, int], float]:
+        rates: dict[tuple[str, int], list[float]] = {}
+        pools = {workers: ThreadPoolExecutor(max_workers=workers) for workers in (1, 2)}
+        sandboxes = {workers: Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=workers)) for workers in (1, 2)}
+        for sandbox in sandboxes.values():
+            await sandbox.start()
+        try:
+            check = sandboxes[1]
+            sandboxed = await check.tile(data, config, await check.probe(data))
+            assert np.array_equal(sandboxed.pixels, preprocess_trusted(data, config, ImageLimits()).pixels)
+            for workers in (1, 2):  # warm-up
+                await _thread_pool_rate(pools[workers], data, config, workers)
+                await _sandbox_rate(sandboxes[workers], data, config, workers)
+            for _ in range(rounds):
+                for workers in (1, 2):
+                    rates.setdefault(("threads", workers), []).append(
+                        await _thread_pool_rate(pools[workers], data, config, count))
+                    rates.setdefault(("sandbox", workers), []).append(
+                        await _sandbox_rate(sandboxes[workers], data, config, count))
+        finally:
+            for sandbox in sandboxes.values():
+                await sandbox.close()
+            for pool in pools.values():
+                pool.shutdown()
+        return {key: statistics.median(values) for key, values in rates.items()}
 
     return asyncio.run(run())
 
@@ -164,7 +209,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tiles", type=lambda s: [int(x) for x in s.split(",")], default=[6, 12, 40])
     parser.add_argument("--min-time", type=float, default=0.6, help="seconds per method and measurement")
     parser.add_argument("--min-runs", type=int, default=3)
-    parser.add_argument("--threads", action="store_true", help="also measure ours on a 2-worker thread pool")
+    parser.add_argument("--pool", "--threads", action="store_true", dest="pool",
+                        help="also measure throughput: sandboxed workers vs the in-process thread pool, 1 and 2 workers")
+    parser.add_argument("--pool-rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="max_tiles 12 only, short measurements")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not touch RESULTS.md")
     args = parser.parse_args(argv)
@@ -186,25 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     pool_rows = []
-    with Preprocessor(ImageLimits(), dtype="float32", max_workers=2) as preprocessor:
-        for name, data in images.items():
-            for max_tiles in args.max_tiles:
-                runs = methods(data, max_tiles, preprocessor)
-                ours, reference = runs["ours"](), runs["reference"]()
-                assert isinstance(ours, np.ndarray) and isinstance(reference, np.ndarray)
-                got = runs["GotOcr2"]()
-                got_diff = float(np.abs(got - ours).max()) if got.shape == ours.shape else float("nan")
-                seconds = interleaved(runs, args.min_time, args.min_runs)
-                rows.append(
-                    (name, max_tiles, ours.shape[0], seconds, bool(np.array_equal(ours, reference)), got_diff)
-                )
-                print(rows[-1], flush=True)
-            if args.threads:
-                config = TilingConfig(max_tiles=12)
-                one = pool_throughput(data, config, 1, 8)
-                two = pool_throughput(data, config, 2, 8)
-                pool_rows.append((name, one, two))
-                print(pool_rows[-1], flush=True)
+    for name, data in images.items():
+        for max_tiles in args.max_tiles:
+            runs = methods(data, max_tiles)
+            ours, reference = runs["ours"](), runs["reference"]()
+            assert isinstance(ours, np.ndarray) and isinstance(reference, np.ndarray)
+            got = runs["GotOcr2"]()
+            got_diff = float(np.abs(got - ours).max()) if got.shape == ours.shape else float("nan")
+            seconds = interleaved(runs, args.min_time, args.min_runs)
+            rows.append((name, max_tiles, ours.shape[0], seconds, bool(np.array_equal(ours, reference)), got_diff))
+            print(rows[-1], flush=True)
+        if args.pool:
+            pool_rows.append((name, pool_throughput(data, TilingConfig(max_tiles=12), 8, args.pool_rounds)))
+            print(pool_rows[-1], flush=True)
     table = report(rows, pool_rows, args, time.perf_counter() - started, load_start)
     publish(table, append=not args.no_append)
     return 0
@@ -237,11 +278,19 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
     if pool_rows:
         lines += [
             "",
-            "Thread pool (Preprocessor.preprocess_async, 8 images at max_tiles 12 in flight), wall images/s "
-            "(meaningful only on an otherwise idle machine with 2+ free cores):",
+            "Throughput, 8 images at max_tiles 12 in flight, wall images/s (medians of "
+            f"{args.pool_rounds} interleaved rounds; pixels of the sandbox checked np.array_equal to in-process): "
+            "`threads` = decode + tile in-process on a thread pool (the service before the sandbox), `sandbox` = "
+            "header probe + decode + tile in the sandboxed worker processes (the service now). Scaling with "
+            "workers needs free cores; on a shared 2-core machine read the ratios within a row.",
             "",
-            *markdown_table(["image", "1 worker", "2 workers", "speed-up"],
-                            ((name, f"{one:.2f}", f"{two:.2f}", f"{two / one:.2f}") for name, one, two in pool_rows)),
+            *markdown_table(
+                ["image", "threads, 1", "sandbox, 1", "sandbox / threads (1)", "threads, 2", "sandbox, 2",
+                 "sandbox / threads (2)", "sandbox 2 / 1"],
+                ((name, f"{r['threads', 1]:.2f}", f"{r['sandbox', 1]:.2f}", f"{r['sandbox', 1] / r['threads', 1]:.2f}",
+                  f"{r['threads', 2]:.2f}", f"{r['sandbox', 2]:.2f}", f"{r['sandbox', 2] / r['threads', 2]:.2f}",
+                  f"{r['sandbox', 2] / r['sandbox', 1]:.2f}") for name, r in pool_rows),
+            ),
         ]
     return "\n".join(lines) + "\n"
 

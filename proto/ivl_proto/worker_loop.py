@@ -19,11 +19,10 @@ import math
 import os
 import resource
 from collections.abc import Callable, Mapping
-from multiprocessing.connection import Connection
 from typing import Any
 
 from ivl_proto.errors import ErrorCode, ServingError
-from ivl_proto.worker_protocol import payload_size, recv_header, send_message
+from ivl_proto.worker_protocol import MAX_HEADER_BYTES, PipeEnd, payload_size, recv_header, send_message
 
 Handler = Callable[[dict[str, Any], bytes | None], tuple[dict[str, Any], bytes | memoryview | None]]
 MAX_MESSAGE_CHARS = 2000
@@ -98,15 +97,14 @@ def run_worker(handlers: Mapping[str, Handler], argv: list[str] | None = None) -
     parser.add_argument("--memory-bytes", type=int, default=0)
     parser.add_argument("--recycle-rss-bytes", type=int, default=0)
     args = parser.parse_args(argv)
-    conn_in = Connection(args.in_fd, writable=False)
-    conn_out = Connection(args.out_fd, readable=False)
+    conn_in, conn_out = PipeEnd(args.in_fd), PipeEnd(args.out_fd)
     _limit_memory(args.memory_bytes)
     send_message(conn_out, {"ready": True, "pid": os.getpid()})
     while True:
         try:
             header = recv_header(conn_in)
             size = payload_size(header)
-            payload = conn_in.recv_bytes() if size is not None else None
+            payload = conn_in.recv_frame(size + MAX_HEADER_BYTES) if size is not None else None
         except (EOFError, OSError):  # the pool closed the pipe (or died): nothing more to do
             return
         reply, reply_payload, must_exit = _run_task(handlers, header, payload)
