@@ -20,9 +20,10 @@ from google.protobuf.json_format import MessageToDict
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.gateway.v1 import gateway_pb2
 
-from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
 from ivl_gateway.conversation import ChatMessage, ChatTurn
+from ivl_gateway.edge_state import EdgeState
+from ivl_gateway.http_edge import install_edges, request_id, take_body
 from ivl_gateway.image_fetch import ImageFetcher
 from ivl_gateway.openai_schema import (
     FINISH_REASONS,
@@ -31,7 +32,6 @@ from ivl_gateway.openai_schema import (
     chunk_body,
     completion_body,
     error_body,
-    new_completion_id,
     parse_request,
     usage_body,
 )
@@ -44,21 +44,7 @@ def _error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.http_status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(total, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def decode_json(raw: bytes) -> Any:
+def decode_json(raw: bytes | bytearray) -> Any:
     """The body as JSON (UTF-8/16/32), or a 400: malformed, nested too deeply, NaN/Infinity."""
     try:
         return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
@@ -82,15 +68,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _too_large(size: int, limit: int) -> ServingError:
-    return ServingError(
-        ErrorCode.PAYLOAD_TOO_LARGE,
-        f"the request body is at least {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.1f} MiB "
-        "(max_request_bytes)",
-    )
-
-
-async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher) -> ChatTurn:
+async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher, completion_id: str) -> ChatTurn:
     messages: list[ChatMessage] = []
     for index, message in enumerate(body.messages):
         parts: list[str | bytes] = []
@@ -106,7 +84,7 @@ async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher) 
                 else:
                     parts.append(await fetcher.load(part.image_url.url))
         messages.append(ChatMessage(role=ROLES[message.role], parts=parts))
-    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=new_completion_id())
+    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=completion_id)
 
 
 def _image_info(event: gateway_pb2.ImageInfo) -> dict[str, Any]:
@@ -124,18 +102,20 @@ def _final_extra(final: gateway_pb2.Final, images: list[dict[str, Any]]) -> dict
     }
 
 
-def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
-    app = FastAPI(title="InternVL gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
-    keys = ApiKeys(settings.api_keys)
+def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeState | None = None) -> FastAPI:
+    """The FastAPI app with its edges (http_edge: access log, content type, rate limit, API keys, body
+    budget); `edges` is shared with the gRPC server (one budget and one rate limit per gateway)."""
+    docs_on = settings.docs_access != "off"
+    app = FastAPI(title="InternVL gateway", version="0.1.0", docs_url="/docs" if docs_on else None,
+                  openapi_url="/openapi.json" if docs_on else None, redoc_url=None)
+    edges = edges or EdgeState.build(settings, chat_service.metrics)
+    install_edges(app, edges)
     fetcher = ImageFetcher(settings)
     metrics = chat_service.metrics
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
         return _error_response(error)
-
-    def authorize(request: Request) -> None:
-        keys.check(ApiKeys.from_authorization(request.headers.get("authorization")))
 
     async def model_name() -> str:
         if settings.model_name:
@@ -156,17 +136,16 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    async def models() -> dict[str, Any]:  # API key and rate limit: http_edge.EdgeMiddleware
         name = await model_name()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ivl"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        raw = await _read_body(request, settings.max_request_bytes)
-        body = parse_request(decode_json(raw))
-        turn = await _turn_from_openai(body, fetcher)
+        decoded = decode_json(take_body(request.scope))  # read, limited and budgeted by http_edge
+        body = parse_request(decoded)
+        del decoded
+        turn = await _turn_from_openai(body, fetcher, f"chatcmpl-{request_id(request.scope)}")
         name = body.model or await model_name()
         if body.stream:
             return await _stream(turn, name, body)

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,8 @@ class ServiceProcess:
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # stderr goes to a file (a pipe nobody reads would block a chatty process once it is full)
+        self.log_path = Path(tempfile.mkstemp(prefix=f"ivl-{name}-", suffix=".log")[1])
 
     @property
     def address(self) -> str:
@@ -89,17 +92,21 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         assert not self.alive, f"{self.name} is already running"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+                start_new_session=True,
+            )
         self.starts += 1
         return self
 
+    def log_text(self) -> str:
+        """Everything the process wrote to stderr so far (all its starts)."""
+        return self.log_path.read_text(errors="replace")
+
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            err = self.process.stderr.read().decode(errors="replace")[-3000:] if self.process.stderr else ""
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{err}")
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Wait for grpc.health.v1 SERVING; returns the seconds waited."""
@@ -148,8 +155,6 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 class GatewayProcess(ServiceProcess):
@@ -261,6 +266,7 @@ class ProcessBackend:
                 service.process.terminate()  # type: ignore[union-attr]
         for service in reversed(self.services):
             service.stop()
+            service.log_path.unlink(missing_ok=True)
         if self.redis is not None:
             self.redis.stop()
 
