@@ -148,7 +148,7 @@ def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeS
         turn = await _turn_from_openai(body, fetcher, f"chatcmpl-{request_id(request.scope)}")
         name = body.model or await model_name()
         if body.stream:
-            return await _stream(turn, name, body)
+            return await _stream(request, turn, name, body)
         return await _complete(request, turn, name)
 
     async def _complete(request: Request, turn: ChatTurn, name: str) -> JSONResponse:
@@ -171,30 +171,32 @@ def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeS
             return "".join(texts), final, images
 
         task = asyncio.create_task(collect())
-        while not task.done():  # a client that goes away cancels the work (and the LLM's generation)
-            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return JSONResponse(error_body(ServingError(ErrorCode.CANCELLED, "client went away")), 499)
+        if await _cancelled_when_gone(request, task):
+            return _client_gone()
         text, final, images = task.result()
         return JSONResponse(
             completion_body(turn.request_id, name, text, FINISH_REASONS[final.finish_reason], final.usage,
                             _final_extra(final, images))
         )
 
-    async def _stream(turn: ChatTurn, name: str, body: ChatCompletionRequest) -> Response:
+    async def _stream(request: Request, turn: ChatTurn, name: str, body: ChatCompletionRequest) -> Response:
         stream = chat_service.chat(turn, api="http")
         buffered: list[gateway_pb2.ChatResponse] = []
-        try:  # run up to the first text (or the end) so that early errors get a real HTTP status
+
+        async def first_events() -> None:  # up to the first text (or the end): early errors get a real status
             async for event in stream:
                 buffered.append(event)
                 if event.WhichOneof("event") != "image":
                     break
+
+        try:  # a client that hangs up before the first token frees its LLM queue slot at once
+            gone = await _cancelled_when_gone(request, asyncio.create_task(first_events()))
         except BaseException:
             await stream.aclose()
             raise
+        if gone:
+            await stream.aclose()
+            return _client_gone()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
@@ -224,6 +226,24 @@ def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeS
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _cancelled_when_gone(request: Request, task: asyncio.Task[Any]) -> bool:
+    """Wait for `task`; if the client disconnects first, cancel it (which cancels the LLM call) and return
+    True. The task's own exception is raised."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return True
+    task.result()
+    return False
+
+
+def _client_gone() -> JSONResponse:
+    return JSONResponse(error_body(ServingError(ErrorCode.CANCELLED, "client went away")), 499)
 
 
 class _ClosingStreamingResponse(StreamingResponse):

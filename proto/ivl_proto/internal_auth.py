@@ -85,24 +85,30 @@ def token_server_interceptors(token: str, service: str) -> list[grpc.aio.ServerI
     return [TokenAuthInterceptor(token, service)] if token else []
 
 
-class _TokenClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    def __init__(self, token: str) -> None:
-        self._pair = (TOKEN_METADATA_KEY, token)
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (TOKEN_METADATA_KEY, token))
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._pair)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
+
+# grpc.aio files a channel's interceptor under ONE call kind (the first isinstance match), so each kind
+# needs an object of its own.
+class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self._token), request)
 
 
 def token_client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that add the token to every unary and server-streaming call (none if empty)."""
-    return [_TokenClientInterceptor(token)] if token else []
+    return [_UnaryUnaryToken(token), _UnaryStreamToken(token)] if token else []

@@ -227,14 +227,32 @@ class ProcessBackend:
             "model_path": llm_model_path or model_path, "host": "127.0.0.1", "port": llm_port,
             "torch_threads": 1, "warmup": False, "grace_s": 0.5, **(llm or {}),
         }), llm_port)
+        self._gateway_overrides = gateway or {}
+        self.gateway = self.new_gateway()
+
+    def new_gateway(self, **overrides: Any) -> GatewayProcess:
+        """A gateway process (not started) in front of this backend's services: the backend's gateway
+        settings, then `overrides`."""
         grpc_port, http_port = free_port(), free_port()
-        self.gateway = GatewayProcess(_env("IVL_GATEWAY_", {
+        return GatewayProcess(_env("IVL_GATEWAY_", {
             "vision_addresses": self.vision.address, "llm_addresses": self.llm.address,
             "redis_url": self.redis.url if self.redis is not None else "",
             "grpc_host": "127.0.0.1", "grpc_port": grpc_port, "http_host": "127.0.0.1", "http_port": http_port,
             "health_interval_s": 0.5, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
-            **(gateway or {}),
+            **self._gateway_overrides, **overrides,
         }), grpc_port, http_port)
+
+    @contextlib.contextmanager
+    def extra_gateway(self, **overrides: Any) -> Iterator[GatewayProcess]:
+        """Another gateway process with other settings, started and ready; stopped afterwards."""
+        gateway = self.new_gateway(**overrides)
+        gateway.start()
+        try:
+            gateway.wait_ready()
+            yield gateway
+        finally:
+            gateway.stop()
+            gateway.log_path.unlink(missing_ok=True)
 
     @property
     def services(self) -> list[ServiceProcess]:
