@@ -32,6 +32,7 @@ from ivl_gateway.openai_schema import (
     chunk_body,
     completion_body,
     error_body,
+    new_completion_id,
     parse_request,
     usage_body,
 )
@@ -68,7 +69,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher, completion_id: str) -> ChatTurn:
+async def _turn_from_openai(
+    body: ChatCompletionRequest, fetcher: ImageFetcher, completion_id: str = ""
+) -> ChatTurn:
     messages: list[ChatMessage] = []
     for index, message in enumerate(body.messages):
         parts: list[str | bytes] = []
@@ -84,7 +87,7 @@ async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher, 
                 else:
                     parts.append(await fetcher.load(part.image_url.url))
         messages.append(ChatMessage(role=ROLES[message.role], parts=parts))
-    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=completion_id)
+    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=completion_id or new_completion_id())
 
 
 def _image_info(event: gateway_pb2.ImageInfo) -> dict[str, Any]:
