@@ -38,6 +38,10 @@ from ivl_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A call that times out is a miss for its request; Redis is taken for down (and skipped) only after this
+# many timeouts in a row, or at once when it refuses connections: under a burst on a loaded machine one
+# slow reply must not turn the cache off for everyone.
+TIMEOUTS_FOR_OUTAGE = 3
 
 
 class PoolBusy(Exception):
@@ -85,6 +89,7 @@ class EmbeddingCache:
             self._redis = aioredis.Redis.from_pool(pool)
         self._skip_until = 0.0
         self._outage = False
+        self._timeouts_in_a_row = 0
         self._throttle = LogThrottle(settings.log_throttle_s)
 
     @property
@@ -104,6 +109,10 @@ class EmbeddingCache:
 
     def _failed(self, kind: str, error: BaseException) -> None:
         self._metrics.cache_errors.labels(kind=kind).inc()
+        if isinstance(error, TimeoutError | aioredis.TimeoutError):
+            self._timeouts_in_a_row += 1
+            if self._timeouts_in_a_row < TIMEOUTS_FOR_OUTAGE:
+                return
         self._skip_until = time.monotonic() + self._settings.redis_retry_s
         if not self._outage:
             self._outage = True
@@ -113,6 +122,7 @@ class EmbeddingCache:
             )
 
     def _succeeded(self) -> None:
+        self._timeouts_in_a_row = 0
         if self._outage:
             self._outage = False
             self._throttle.warning(log, "redis-back", "Redis embedding cache is back; caching resumed")

@@ -129,8 +129,10 @@ class EdgeMiddleware:
                 return
             except ServingError as error:
                 self.edges.refused("http", error)
-                # a refused body is never read: close the connection rather than parse it as a next request
-                await _send_error(scope, receive, send, error, close=scope["method"] in BODY_METHODS)
+                # The connection stays open: uvicorn discards the unread rest of a refused body (nothing is
+                # buffered; http_guard still enforces the body rate), so the client reads this answer instead
+                # of a reset. A client sending "Expect: 100-continue" never sends the body at all.
+                await _send_error(scope, receive, send, error)
                 return
             await self.app(scope, receive, send)
         finally:
@@ -254,12 +256,10 @@ def _too_large(size: int, limit: int) -> ServingError:
     )
 
 
-async def _send_error(scope: Scope, receive: Receive, send: Send, error: ServingError, close: bool) -> None:
+async def _send_error(scope: Scope, receive: Receive, send: Send, error: ServingError) -> None:
     headers: dict[str, str] = {}
     if isinstance(error, RateLimited | BudgetFull):
         headers["retry-after"] = str(error.retry_after_s)
-    if close:
-        headers["connection"] = "close"
     response = JSONResponse(error_body(error), status_code=error.http_status, headers=headers)
     await response(scope, receive, send)
 

@@ -1,5 +1,6 @@
-"""Per-client rate limit, shared by the HTTP and gRPC edges: the `limits` library's sliding-window counter
-in memory (one gateway process; several replicas each count their own clients).
+"""Per-client rate limit, shared by the HTTP and gRPC edges: the `limits` library's moving window in memory
+(exact: "10/minute" admits 10 in any 60 s; one gateway process, several replicas each count their own
+clients; memory is one timestamp per admitted request per client, dropped when it leaves the window).
 
 A client is identified by its API key when keys are configured and it presented a valid one, otherwise by
 its IP address; every identity has the whole `rate_limit` (e.g. "60/minute;10/second": all of them must
@@ -14,7 +15,7 @@ import time
 from ivl_proto.errors import ErrorCode, ServingError
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.strategies import MovingWindowRateLimiter
 
 
 class RateLimited(ServingError):
@@ -27,7 +28,7 @@ class ClientRateLimit:
     def __init__(self, spec: str) -> None:
         self.spec = spec
         self._items: list[RateLimitItem] = parse_many(spec) if spec else []
-        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage()) if self._items else None
+        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._items else None
 
     @property
     def enabled(self) -> bool:
