@@ -1,5 +1,5 @@
 """What the HTTP and gRPC edges of one gateway share: API keys, the per-client rate limit, the request-bytes
-budget, the memory trimmer, the log throttle and the metrics. Built once per gateway (no globals)."""
+budget, the log throttle and the metrics. Built once per gateway (no globals)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from ivl_proto.errors import ErrorCode, ServingError
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.log_throttle import LogThrottle
-from ivl_gateway.memory import MemoryTrimmer
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.rate_limit import ClientRateLimit
 from ivl_gateway.request_budget import ByteBudget
@@ -31,7 +30,6 @@ class EdgeState:
     keys: ApiKeys
     rate_limit: ClientRateLimit
     budget: ByteBudget
-    trimmer: MemoryTrimmer
     throttle: LogThrottle
     metrics: GatewayMetrics
 
@@ -42,7 +40,6 @@ class EdgeState:
             keys=ApiKeys(settings.api_keys),
             rate_limit=ClientRateLimit(settings.rate_limit),
             budget=ByteBudget(settings.max_inflight_request_bytes, metrics.request_bytes_in_flight),
-            trimmer=MemoryTrimmer(settings.malloc_trim_min_bytes),
             throttle=LogThrottle(settings.log_throttle_s),
             metrics=metrics,
         )

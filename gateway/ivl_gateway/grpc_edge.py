@@ -94,7 +94,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         def done(size: int) -> None:
             edges.budget.give_back(size)
-            edges.trimmer.after_request(size)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream

@@ -13,7 +13,7 @@ EdgeMiddleware (inside CORS), in this order, each a clear error before any work 
    (503 + Retry-After), then the body is read into ONE preallocated buffer (no list of chunks + join),
    handed to the route as `scope[BODY_KEY]`. A client that disconnects mid-upload is an INFO line.
    Read deadlines and the minimum body rate are enforced below, in http_guard (it sees the socket).
-The budget is given back when the response ends; after a large request, free memory goes back to the OS.
+The budget is given back when the response ends.
 """
 
 from __future__ import annotations
@@ -108,7 +108,6 @@ class EdgeMiddleware:
         self.keys = edges.keys
         self.rate_limit = edges.rate_limit
         self.budget = edges.budget
-        self.trimmer = edges.trimmer
         self.throttle = edges.throttle
         self._exposure = {
             "/metrics": settings.metrics_access,
@@ -138,7 +137,6 @@ class EdgeMiddleware:
         finally:
             if held[0]:
                 self.budget.give_back(held[0])
-                self.trimmer.after_request(held[0])
 
     async def _admit(self, scope: Scope, receive: Receive, held: list[int]) -> Receive:
         path, method = scope["path"], scope["method"]

@@ -119,7 +119,6 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._http_task, timeout=grace + 3)
         await graceful_stop(self._grpc, self._health, grace, self.chat_service.close)
-        await self.edges.trimmer.close()
 
 
 def grpc_edge_options(settings: GatewaySettings) -> list[tuple[str, int]]:

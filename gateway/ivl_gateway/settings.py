@@ -104,9 +104,6 @@ class GatewaySettings(BaseSettings):
     reflection_access: Exposure = "open"
     access_log: bool = True  # one INFO line per HTTP request (logger ivl_gateway.access)
     log_throttle_s: float = Field(default=60.0, gt=0)  # a repeated warning is logged once per this interval
-    # After a request of at least this many bytes, free memory is handed back to the OS (glibc malloc_trim);
-    # 0 = never.
-    malloc_trim_min_bytes: int = Field(default=4 * 2**20, ge=0)
     # Shared secret sent to the vision and LLM services (their IVL_VISION_AUTH_TOKEN / IVL_LLM_AUTH_TOKEN).
     internal_token: str = ""
     # Redis connection pool: at most this many connections; a request waits at most redis_pool_wait_s for
