@@ -127,14 +127,14 @@ class Bench:
             held = fd_count(self.gateway.pid) - fds_before
             closed_early = count_closed(sockets)
             time.sleep(self.args.idle_hold_s)
-            closed_late = count_closed(sockets) + closed_early
+            closed_late = count_closed(sockets)  # all closed so far (the early ones included)
             grpc_ok = _grpc_health(self.gateway.grpc_address)
         finally:
             for sock in sockets:
                 sock.close()
         log_bytes = self.gateway.log_path.stat().st_size - log_before
         return (f"{len(sockets)} opened; gateway held +{held} fds after 2 s; closed by the gateway: "
-                f"{closed_early} at once, {closed_late} after {self.args.idle_hold_s:g} s; gRPC health "
+                f"{closed_early} at once, {closed_late} by {self.args.idle_hold_s:g} s later; gRPC health "
                 f"{'ok' if grpc_ok else 'FAILED'}; {log_bytes} log bytes")
 
     def cross_site(self, _: NormalUser) -> str:

@@ -38,10 +38,6 @@ from ivl_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# A call that times out is a miss for its request; Redis is taken for down (and skipped) only after this
-# many timeouts in a row, or at once when it refuses connections: under a burst on a loaded machine one
-# slow reply must not turn the cache off for everyone.
-TIMEOUTS_FOR_OUTAGE = 3
 
 
 class PoolBusy(Exception):
@@ -89,7 +85,7 @@ class EmbeddingCache:
             self._redis = aioredis.Redis.from_pool(pool)
         self._skip_until = 0.0
         self._outage = False
-        self._timeouts_in_a_row = 0
+        self._last_success = float("-inf")
         self._throttle = LogThrottle(settings.log_throttle_s)
 
     @property
@@ -109,10 +105,12 @@ class EmbeddingCache:
 
     def _failed(self, kind: str, error: BaseException) -> None:
         self._metrics.cache_errors.labels(kind=kind).inc()
-        if isinstance(error, TimeoutError | aioredis.TimeoutError):
-            self._timeouts_in_a_row += 1
-            if self._timeouts_in_a_row < TIMEOUTS_FOR_OUTAGE:
-                return
+        if isinstance(error, TimeoutError | aioredis.TimeoutError) and (
+            time.monotonic() - self._last_success < self._call_budget_s()
+        ):
+            # Another call succeeded while this one was under way: Redis answers, this process is just
+            # busy (a burst on a loaded machine). A miss for this request only, not an outage for everyone.
+            return
         self._skip_until = time.monotonic() + self._settings.redis_retry_s
         if not self._outage:
             self._outage = True
@@ -121,8 +119,11 @@ class EmbeddingCache:
                 "%.1f s", kind, error or type(error).__name__, self._settings.redis_retry_s,
             )
 
+    def _call_budget_s(self) -> float:
+        return self._settings.redis_pool_wait_s + self._settings.redis_timeout_s * 2
+
     def _succeeded(self) -> None:
-        self._timeouts_in_a_row = 0
+        self._last_success = time.monotonic()
         if self._outage:
             self._outage = False
             self._throttle.warning(log, "redis-back", "Redis embedding cache is back; caching resumed")
@@ -130,10 +131,8 @@ class EmbeddingCache:
     async def _call(self, kind: str, coro_factory: Callable[[], Awaitable[T]]) -> T | None:
         if not self.available:
             return None
-        settings = self._settings
         try:
-            result = await asyncio.wait_for(coro_factory(),
-                                            timeout=settings.redis_pool_wait_s + settings.redis_timeout_s * 2)
+            result = await asyncio.wait_for(coro_factory(), timeout=self._call_budget_s())
         except PoolBusy:
             return None  # a miss for this request only: the pool is busy, Redis is fine
         except (aioredis.RedisError, OSError, TimeoutError) as error:

@@ -39,9 +39,6 @@ from ivl_gateway.openai_schema import (
 from ivl_gateway.settings import GatewaySettings
 
 _DISCONNECT_POLL_S = 0.2
-# Bodies larger than this are parsed (JSON + validation) in a worker thread, so that other requests keep
-# being served meanwhile (measured: 8 concurrent 30 MiB bodies held a small request up to 12 s on the loop).
-_THREAD_PARSE_BYTES = 1 << 20
 
 
 def _error_response(error: ServingError) -> JSONResponse:
@@ -59,10 +56,6 @@ def decode_json(raw: bytes | bytearray) -> Any:
         ) from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
         raise invalid(f"the request body is not valid JSON: {error}") from None
-
-
-def _parse_body(raw: bytes | bytearray) -> ChatCompletionRequest:
-    return parse_request(decode_json(raw))
 
 
 def _no_constant(name: str) -> Any:
@@ -152,12 +145,7 @@ def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeS
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        raw = take_body(request.scope)  # read, limited and budgeted by http_edge
-        if len(raw) > _THREAD_PARSE_BYTES:  # tens of MiB of JSON: parse off the event loop
-            body = await asyncio.to_thread(_parse_body, raw)
-        else:
-            body = _parse_body(raw)
-        del raw
+        body = parse_request(decode_json(take_body(request.scope)))  # body read, limited, budgeted by http_edge
         turn = await _turn_from_openai(body, fetcher, f"chatcmpl-{request_id(request.scope)}")
         name = body.model or await model_name()
         if body.stream:
