@@ -102,7 +102,7 @@ class Gateway:
             timeout_graceful_shutdown=2,
             timeout_keep_alive=s.http_keepalive_timeout_s,  # type: ignore[arg-type]
             h11_max_incomplete_event_size=s.http_max_header_bytes,
-            backlog=min(2048, s.http_max_connections * 2),
+            backlog=2048,  # uvicorn's default; the kernel caps it at net.core.somaxconn
             proxy_headers=bool(s.trusted_proxies),
             forwarded_allow_ips=",".join(s.trusted_proxies) or None,
             server_header=False,

@@ -173,12 +173,12 @@ def test_many_idle_connections_are_capped(backend, baseline):
         sockets = open_idle(gateway.http_port, 2000)
         try:
             assert len(sockets) == 2000  # accepted (the cap closes idle ones; it does not stop accepting)
-            time.sleep(1.0)
+            wait_for(lambda: count_closed(sockets) >= 2000 - MAX_CONNECTIONS - 20, 15,
+                     "the connections over the cap to be closed")
             held = fd_count(gateway.pid) - fds_before
             assert held <= MAX_CONNECTIONS + 20, f"the gateway holds {held} more fds with 2000 idle sockets"
-            assert count_closed(sockets) >= 2000 - MAX_CONNECTIONS - 20  # the excess was closed at once
-            time.sleep(HEADER_TIMEOUT_S + 2.0)
-            assert count_closed(sockets) == 2000  # and the rest after the header deadline
+            wait_for(lambda: count_closed(sockets) == 2000, HEADER_TIMEOUT_S + 15,
+                     "the rest to be closed after the header deadline")
         finally:
             for sock in sockets:
                 sock.close()
@@ -191,6 +191,14 @@ def test_many_idle_connections_are_capped(backend, baseline):
     assert len(noise) < 20, "\n".join(noise[:40])
     assert gateway.metric("gateway_http_connections_closed_total", reason="evicted_idle") >= 1700
     assert_all_up(backend)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.25)
 
 
 def health_check(address: str) -> bool:
@@ -392,9 +400,10 @@ def test_redis_pool_burst_is_not_an_outage(backend, baseline):
     assert again.json()["ivl"]["cache_hits"] == 1  # the cache still hits for a normal request
     errors_after = {k: v for k, v in gateway.metrics().items() if k[0] == "vision_cache_errors_total"}
     assert errors_after == errors_before, (errors_before, errors_after)
-    assert gateway.metric("vision_cache_pool_waits_total") > waits_before  # the burst waited for the pool
+    waits = gateway.metric("vision_cache_pool_waits_total")
+    assert waits > waits_before, "the burst never waited for a pooled connection: the test proves nothing"
     new_log = gateway.log_text()[log_before:]
-    assert "Redis embedding cache unavailable" not in new_log and "Too many connections" not in new_log
+    assert "Redis embedding cache unavailable" not in new_log and "Too many connections" not in new_log, new_log[-3000:]
     no_tracebacks(new_log)
     assert_normal_user_served(user, baseline)
     assert_all_up(backend)
@@ -427,22 +436,27 @@ def test_internal_services_need_the_token(backend):
 
 
 def test_memory_returns_after_a_burst_of_large_bodies(backend):
-    gateway = backend.gateway
-    steady_before = rss_bytes(gateway.pid)
-    body = b'{"messages": [{"role": "user", "content": "' + b"a" * (2 * 2**20) + b'"}], "max_tokens": 2}'
-    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    """A fresh gateway takes 8 concurrent 7 MiB bodies (all fit its 64 MiB budget): RSS rises by tens of MiB
+    while they are parsed, and is back near where it started 2 s later."""
+    with backend.extra_gateway(api_keys=[KEY], max_request_bytes=8 * 2**20,
+                               max_inflight_request_bytes=64 * 2**20) as gateway:
+        NormalUser(gateway.http_url, KEY).ask()
+        steady_before = rss_bytes(gateway.pid)
+        body = b'{"messages": [{"role": "user", "content": "' + b"a" * (7 * 2**20) + b'"}], "max_tokens": 2}'
+        headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            responses = await asyncio.gather(*(client.post(f"{gateway.http_url}/v1/chat/completions",
-                                                           content=body, headers=headers) for _ in range(7)))
-        return [r.status_code for r in responses]
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                responses = await asyncio.gather(*(client.post(f"{gateway.http_url}/v1/chat/completions",
+                                                               content=body, headers=headers) for _ in range(8)))
+            return [r.status_code for r in responses]
 
-    with RssSampler(gateway.pid) as rss:
-        statuses = asyncio.run(burst())
-    assert set(statuses) == {400}, statuses  # the text is over max_text_chars (7 x 2 MiB fit in the budget)
-    time.sleep(2.0)
-    after = rss_bytes(gateway.pid)
-    assert rss.peak - steady_before > 10 * 2**20  # the burst really cost memory
-    assert after - steady_before < 40 * 2**20, (
-        f"RSS {steady_before / 2**20:.0f} MiB -> peak {rss.peak / 2**20:.0f} -> {after / 2**20:.0f} MiB after")
+        with RssSampler(gateway.pid) as rss:
+            statuses = asyncio.run(burst())
+        assert set(statuses) == {400}, statuses  # the text is over max_text_chars
+        time.sleep(2.0)
+        after = rss_bytes(gateway.pid)
+        mib = 2**20
+        assert rss.peak - steady_before > 30 * mib, "the burst did not cost memory: the test proves nothing"
+        assert after - steady_before < 30 * mib, (
+            f"RSS {steady_before / mib:.0f} MiB -> peak {rss.peak / mib:.0f} -> {after / mib:.0f} MiB after")
