@@ -146,3 +146,11 @@ def test_byte_budget_and_rate_limit_units():
     assert limited.value.http_status == 429 and 1 <= limited.value.retry_after_s <= 60
     limit.check("ip:2")  # another client has its own budget
     assert not ClientRateLimit("").enabled
+
+
+def test_keep_alive_reuse_limit(stack):
+    with stack.extra_gateway(http_max_requests_per_connection=3) as gateway, httpx.Client(timeout=10) as client:
+        url = f"http://127.0.0.1:{gateway.ports.http}/health"
+        replies = [client.get(url) for _ in range(4)]
+    assert [r.status_code for r in replies] == [200] * 4
+    assert [r.headers.get("connection") for r in replies] == [None, None, "close", None]  # 4th: a new connection
