@@ -15,6 +15,13 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    def is_valid(self, presented: str | None) -> bool:
+        """True when `presented` is one of the keys (constant-time compare); False when keys are off."""
+        if not self._keys or not presented:
+            return False
+        candidate = presented.encode()
+        return any(hmac.compare_digest(candidate, key) for key in self._keys)
+
     def check(self, presented: str | None) -> None:
         """Raise UNAUTHENTICATED unless keys are off or `presented` is one of them (constant time)."""
         if not self._keys:
@@ -38,3 +45,13 @@ class ApiKeys:
         if scheme.lower() == "bearer" and value:
             return value.strip()
         return header.strip() if not value else None
+
+    @staticmethod
+    def from_metadata(metadata: object) -> str | None:
+        """The key of gRPC invocation metadata: 'authorization: Bearer KEY' or 'x-api-key: KEY'."""
+        found: dict[str, str] = {}
+        for item in metadata or ():  # type: ignore[attr-defined]
+            key, value = item[0], item[1]
+            if isinstance(value, str):
+                found.setdefault(key.lower(), value)
+        return ApiKeys.from_authorization(found.get("authorization")) or found.get("x-api-key")

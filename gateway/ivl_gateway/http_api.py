@@ -20,9 +20,10 @@ from google.protobuf.json_format import MessageToDict
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.gateway.v1 import gateway_pb2
 
-from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
 from ivl_gateway.conversation import ChatMessage, ChatTurn
+from ivl_gateway.edge_state import EdgeState
+from ivl_gateway.http_edge import install_edges, request_id, take_body
 from ivl_gateway.image_fetch import ImageFetcher
 from ivl_gateway.openai_schema import (
     FINISH_REASONS,
@@ -44,21 +45,7 @@ def _error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.http_status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(total, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def decode_json(raw: bytes) -> Any:
+def decode_json(raw: bytes | bytearray) -> Any:
     """The body as JSON (UTF-8/16/32), or a 400: malformed, nested too deeply, NaN/Infinity."""
     try:
         return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
@@ -82,15 +69,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _too_large(size: int, limit: int) -> ServingError:
-    return ServingError(
-        ErrorCode.PAYLOAD_TOO_LARGE,
-        f"the request body is at least {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.1f} MiB "
-        "(max_request_bytes)",
-    )
-
-
-async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher) -> ChatTurn:
+async def _turn_from_openai(
+    body: ChatCompletionRequest, fetcher: ImageFetcher, completion_id: str = ""
+) -> ChatTurn:
     messages: list[ChatMessage] = []
     for index, message in enumerate(body.messages):
         parts: list[str | bytes] = []
@@ -106,7 +87,7 @@ async def _turn_from_openai(body: ChatCompletionRequest, fetcher: ImageFetcher) 
                 else:
                     parts.append(await fetcher.load(part.image_url.url))
         messages.append(ChatMessage(role=ROLES[message.role], parts=parts))
-    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=new_completion_id())
+    return ChatTurn(messages=messages, sampling=body.sampling(), tiling=body.tiling(), request_id=completion_id or new_completion_id())
 
 
 def _image_info(event: gateway_pb2.ImageInfo) -> dict[str, Any]:
@@ -124,18 +105,20 @@ def _final_extra(final: gateway_pb2.Final, images: list[dict[str, Any]]) -> dict
     }
 
 
-def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
-    app = FastAPI(title="InternVL gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
-    keys = ApiKeys(settings.api_keys)
+def build_app(settings: GatewaySettings, chat_service: ChatService, edges: EdgeState | None = None) -> FastAPI:
+    """The FastAPI app with its edges (http_edge: access log, content type, rate limit, API keys, body
+    budget); `edges` is shared with the gRPC server (one budget and one rate limit per gateway)."""
+    docs_on = settings.docs_access != "off"
+    app = FastAPI(title="InternVL gateway", version="0.1.0", docs_url="/docs" if docs_on else None,
+                  openapi_url="/openapi.json" if docs_on else None, redoc_url=None)
+    edges = edges or EdgeState.build(settings, chat_service.metrics)
+    install_edges(app, edges)
     fetcher = ImageFetcher(settings)
     metrics = chat_service.metrics
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
         return _error_response(error)
-
-    def authorize(request: Request) -> None:
-        keys.check(ApiKeys.from_authorization(request.headers.get("authorization")))
 
     async def model_name() -> str:
         if settings.model_name:
@@ -156,20 +139,17 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    async def models() -> dict[str, Any]:  # API key and rate limit: http_edge.EdgeMiddleware
         name = await model_name()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ivl"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        raw = await _read_body(request, settings.max_request_bytes)
-        body = parse_request(decode_json(raw))
-        turn = await _turn_from_openai(body, fetcher)
+        body = parse_request(decode_json(take_body(request.scope)))  # body read, limited, budgeted by http_edge
+        turn = await _turn_from_openai(body, fetcher, f"chatcmpl-{request_id(request.scope)}")
         name = body.model or await model_name()
         if body.stream:
-            return await _stream(turn, name, body)
+            return await _stream(request, turn, name, body)
         return await _complete(request, turn, name)
 
     async def _complete(request: Request, turn: ChatTurn, name: str) -> JSONResponse:
@@ -192,30 +172,32 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
             return "".join(texts), final, images
 
         task = asyncio.create_task(collect())
-        while not task.done():  # a client that goes away cancels the work (and the LLM's generation)
-            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return JSONResponse(error_body(ServingError(ErrorCode.CANCELLED, "client went away")), 499)
+        if await _cancelled_when_gone(request, task):
+            return _client_gone()
         text, final, images = task.result()
         return JSONResponse(
             completion_body(turn.request_id, name, text, FINISH_REASONS[final.finish_reason], final.usage,
                             _final_extra(final, images))
         )
 
-    async def _stream(turn: ChatTurn, name: str, body: ChatCompletionRequest) -> Response:
+    async def _stream(request: Request, turn: ChatTurn, name: str, body: ChatCompletionRequest) -> Response:
         stream = chat_service.chat(turn, api="http")
         buffered: list[gateway_pb2.ChatResponse] = []
-        try:  # run up to the first text (or the end) so that early errors get a real HTTP status
+
+        async def first_events() -> None:  # up to the first text (or the end): early errors get a real status
             async for event in stream:
                 buffered.append(event)
                 if event.WhichOneof("event") != "image":
                     break
+
+        try:  # a client that hangs up before the first token frees its LLM queue slot at once
+            gone = await _cancelled_when_gone(request, asyncio.create_task(first_events()))
         except BaseException:
             await stream.aclose()
             raise
+        if gone:
+            await stream.aclose()
+            return _client_gone()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
@@ -245,6 +227,24 @@ def build_app(settings: GatewaySettings, chat_service: ChatService) -> FastAPI:
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _cancelled_when_gone(request: Request, task: asyncio.Task[Any]) -> bool:
+    """Wait for `task`; if the client disconnects first, cancel it (which cancels the LLM call) and return
+    True. The task's own exception is raised."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return True
+    task.result()
+    return False
+
+
+def _client_gone() -> JSONResponse:
+    return JSONResponse(error_body(ServingError(ErrorCode.CANCELLED, "client went away")), 499)
 
 
 class _ClosingStreamingResponse(StreamingResponse):

@@ -58,6 +58,29 @@ class GatewayMetrics:
         self.tiles_per_image = Histogram(
             "vision_tiles_per_image", "Tiles per image (thumbnail included)", buckets=_TILE_BUCKETS, registry=r
         )
+        # The public edges and the cache's connection pool.
+        self.http_connections = Gauge("gateway_http_connections", "Open HTTP connections", registry=r)
+        self.http_connections_closed = Counter(
+            "gateway_http_connections_closed",
+            "HTTP connections the gateway closed itself (idle_timeout, header_timeout, body_timeout, "
+            "evicted_idle at the cap, refused_at_cap)", ["reason"], registry=r,
+        )
+        self.request_bytes_in_flight = Gauge(
+            "gateway_request_bytes_in_flight", "Request bytes held now (HTTP bodies + gRPC messages), all requests",
+            registry=r,
+        )
+        self.edge_refusals = Counter(
+            "gateway_edge_refusals", "Requests refused at the edge before any work, by API and reason "
+            "(rate_limited, budget_full, unauthenticated)", ["api", "reason"], registry=r,
+        )
+        self.cache_pool_waits = Counter(
+            "vision_cache_pool_waits", "Redis calls that had to wait for a free pooled connection", registry=r
+        )
+        self.cache_pool_timeouts = Counter(
+            "vision_cache_pool_wait_timeouts",
+            "Redis calls that found no free connection within redis_pool_wait_s (served as a cache miss)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ivl_proto.errors import ErrorCode, ServingError, from_grpc_error
 from ivl_proto.grpc_runtime import message_size_options
+from ivl_proto.internal_auth import token_client_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,12 @@ log = logging.getLogger(__name__)
 class Replica:
     """One downstream address with its channel, stub and health state."""
 
-    def __init__(self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int) -> None:
+    def __init__(
+        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = ""
+    ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=message_size_options(max_bytes))
+        self.channel = grpc.aio.insecure_channel(address, options=message_size_options(max_bytes),
+                                                 interceptors=token_client_interceptors(token) or None)
         self.stub = stub_factory(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = True
@@ -73,6 +77,7 @@ class ReplicaPool:
         dns_refresh_s: float,
         max_message_bytes: int,
         on_change: Callable[[Replica], Any] | None = None,
+        token: str = "",
     ) -> None:
         self.service = service
         self._targets = targets
@@ -82,6 +87,7 @@ class ReplicaPool:
         self._dns_refresh_s = dns_refresh_s
         self._max_bytes = max_message_bytes
         self._on_change = on_change
+        self._token = token  # internal token sent to every replica (their auth_token)
         self._replicas: dict[str, Replica] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -101,7 +107,7 @@ class ReplicaPool:
             wanted.extend(await _resolve(target))
         for address in wanted:
             if address not in self._replicas:
-                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes)
+                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes, self._token)
         for address in [a for a in self._replicas if a not in wanted]:
             if any(t.startswith("dns:") for t in self._targets):
                 await self._replicas.pop(address).close()

@@ -1,4 +1,10 @@
-"""The gateway process: gRPC (grpc.aio) and HTTP (uvicorn) in one asyncio loop, with a graceful stop."""
+"""The gateway process: gRPC (grpc.aio) and HTTP (uvicorn) in one asyncio loop, with a graceful stop.
+
+Both listeners are public edges (docs/gateway.md "Public deployment checklist"): uvicorn runs with
+http_guard's protocol (header/body deadlines, minimum body rate, connection cap, keep-alive limits) and
+http_edge's middlewares; the gRPC server has grpc's own receive limit set to max_request_bytes, its
+connection options (handshake timeout, idle connections, concurrent streams) and grpc_edge's interceptor.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,13 @@ from ivl_proto.grpc_runtime import (
     wait_for_stop_signal,
 )
 
-from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
+from ivl_gateway.edge_state import EdgeState
 from ivl_gateway.grpc_api import SERVICE_NAME, ChatServicer, add_chat_servicer
+from ivl_gateway.grpc_edge import EdgeInterceptor
 from ivl_gateway.http_api import build_app
+from ivl_gateway.http_guard import ConnectionGuard, GuardLimits
+from ivl_gateway.log_throttle import ThrottleFilter
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import GatewaySettings
 
@@ -41,10 +50,20 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.chat_service = ChatService(settings, self.metrics)
-        self.app = build_app(settings, self.chat_service)
-        self._grpc = new_aio_server(settings.max_message_bytes)
-        add_chat_servicer(ChatServicer(self.chat_service, ApiKeys(settings.api_keys)), self._grpc)
-        self._health = add_health_and_reflection(self._grpc, [SERVICE_NAME])
+        self.edges = EdgeState.build(settings, self.metrics)
+        self.app = build_app(settings, self.chat_service, self.edges)
+        self.guard = ConnectionGuard(GuardLimits.from_settings(settings), self.metrics.http_connections,
+                                     self.metrics.http_connections_closed, self.edges.throttle)
+        self._grpc = new_aio_server(
+            settings.max_request_bytes,
+            max_receive_bytes=settings.max_request_bytes,
+            options=grpc_edge_options(settings),
+            interceptors=[EdgeInterceptor(self.edges, SERVICE_NAME)],
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        )
+        add_chat_servicer(ChatServicer(self.chat_service, self.edges.keys), self._grpc)
+        self._health = add_health_and_reflection(
+            self._grpc, [SERVICE_NAME], reflection_enabled=settings.reflection_access != "off")
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
@@ -58,8 +77,7 @@ class Gateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.settings.http_host, self.settings.http_port))
         http_port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        self._http = uvicorn.Server(config)
+        self._http = uvicorn.Server(self._uvicorn_config())
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="gateway-http")
         while not self._http.started:
             if self._http_task.done():
@@ -71,6 +89,29 @@ class Gateway:
                  self.settings.http_host, http_port)
         return self.ports
 
+    def _uvicorn_config(self) -> uvicorn.Config:
+        """uvicorn's own limits where it has them; the rest is http_guard's protocol (passed as `http`)."""
+        s = self.settings
+        config = uvicorn.Config(
+            self.app,
+            http=self.guard.protocol_class(),  # type: ignore[arg-type]
+            log_level="warning",
+            access_log=False,  # http_edge.AccessLogMiddleware writes one line per request
+            log_config=None,  # keep the process's logging setup (python -m ivl_gateway configures it)
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            timeout_keep_alive=s.http_keepalive_timeout_s,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=s.http_max_header_bytes,
+            backlog=2048,  # uvicorn's default; the kernel caps it at net.core.somaxconn
+            proxy_headers=bool(s.trusted_proxies),
+            forwarded_allow_ips=",".join(s.trusted_proxies) or None,
+            server_header=False,
+        )
+        uvicorn_errors = logging.getLogger("uvicorn.error")  # "Invalid HTTP request received." per bad client
+        if not any(isinstance(f, ThrottleFilter) for f in uvicorn_errors.filters):
+            uvicorn_errors.addFilter(ThrottleFilter(self.edges.throttle))
+        return config
+
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.grace_s if grace_s is None else grace_s
         if self._http is not None and self._http_task is not None:
@@ -78,6 +119,18 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._http_task, timeout=grace + 3)
         await graceful_stop(self._grpc, self._health, grace, self.chat_service.close)
+
+
+def grpc_edge_options(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """grpc core's own connection limits for the public port."""
+    return [
+        ("grpc.server_handshake_timeout_ms", int(settings.http_header_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.http2.max_pings_without_data", 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_metadata_size", settings.http_max_header_bytes),
+    ]
 
 
 def build_gateway(settings: GatewaySettings) -> Gateway:

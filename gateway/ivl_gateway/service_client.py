@@ -40,6 +40,7 @@ class ServiceClient(Generic[InfoT]):
             dns_refresh_s=settings.dns_refresh_s,
             max_message_bytes=settings.max_message_bytes,
             on_change=self._refresh_replica_info,
+            token=settings.internal_token,
         )
         self._info: InfoT | None = None
 

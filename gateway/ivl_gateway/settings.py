@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_TILES_LIMIT = 40
+# Who may read /metrics, /docs + /openapi.json, and gRPC server reflection: everyone, API-key holders, nobody.
+Exposure = Literal["open", "api_key", "off"]
 
 
 def _split_list(value: object) -> object:
@@ -42,7 +44,10 @@ class GatewaySettings(BaseSettings):
     # Optional API keys (Bearer on HTTP, "authorization: Bearer KEY" or "x-api-key" metadata on gRPC).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Limits.
-    max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
+    max_request_bytes: int = Field(default=64 * 2**20, ge=1024)  # one HTTP body / one gRPC request message
+    # Request bytes held in memory at once, all requests together (HTTP bodies + gRPC messages); a request
+    # that does not fit is refused at once (HTTP 503 + Retry-After, gRPC RESOURCE_EXHAUSTED).
+    max_inflight_request_bytes: int = Field(default=256 * 2**20, ge=1024)
     max_images_per_request: int = Field(default=16, ge=1)
     max_image_pixels: int = Field(default=80_000_000, ge=1)
     max_tiles_per_request: int = Field(default=96, ge=1)
@@ -68,10 +73,46 @@ class GatewaySettings(BaseSettings):
     # Info.tiny_random_model (the UI's "replies are noise" banner): None = what the LLM service says
     # (its Info.random_weights, from the checkpoint's config.json marker written by ivl_tiny).
     tiny_random_model: bool | None = None
-    max_message_bytes: int = 512 * 1024 * 1024
+    max_message_bytes: int = 512 * 1024 * 1024  # gRPC messages from/to the vision and LLM services (embeddings)
     grace_s: float = Field(default=5.0, ge=0)
+    # --- The public edges (docs/gateway.md "Public deployment checklist") -----------------------------
+    # HTTP connections (uvicorn + ivl_gateway.http_guard). Deadlines in seconds.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)  # connection open (or last response) -> headers
+    http_keepalive_timeout_s: float = Field(default=5.0, gt=0)  # an idle keep-alive connection is closed
+    http_body_timeout_s: float = Field(default=300.0, gt=0)  # the whole request body
+    http_body_idle_timeout_s: float = Field(default=15.0, gt=0)  # no body bytes for this long -> 408
+    http_min_body_rate_bytes_s: int = Field(default=32 * 1024, ge=0)  # after the grace period; 0 = off
+    http_body_rate_grace_s: float = Field(default=5.0, ge=0)
+    http_max_connections: int = Field(default=1000, ge=1)  # at the cap the oldest idle one is closed, else 503
+    http_max_requests_per_connection: int = Field(default=1000, ge=1)  # keep-alive reuse limit
+    http_max_header_bytes: int = Field(default=32 * 1024, ge=1024)  # request line + headers (h11)
+    # gRPC (grpc core's own limits): calls at once (more get RESOURCE_EXHAUSTED), streams per connection,
+    # and an idle connection is closed after this long. The handshake deadline is http_header_timeout_s.
+    grpc_max_concurrent_rpcs: int = Field(default=512, ge=1)
+    grpc_max_concurrent_streams: int = Field(default=64, ge=1)
+    grpc_max_connection_idle_s: float = Field(default=300.0, gt=0)
+    # Only these browser origins may call the HTTP API cross-site (CORS); empty = CORS off.
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # X-Forwarded-For / X-Forwarded-Proto are believed only from these proxy addresses (empty = never).
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per-client rate limit in `limits` notation, e.g. "60/minute;10/second" (empty = off). A client is its
+    # API key when keys are configured and it sent a valid one, else its IP address. Applies to /v1/* and
+    # to ivl.gateway.v1.Chat; refusals are HTTP 429 + Retry-After / gRPC RESOURCE_EXHAUSTED.
+    rate_limit: str = ""
+    metrics_access: Exposure = "open"
+    docs_access: Exposure = "open"
+    reflection_access: Exposure = "open"
+    access_log: bool = True  # one INFO line per HTTP request (logger ivl_gateway.access)
+    log_throttle_s: float = Field(default=60.0, gt=0)  # a repeated warning is logged once per this interval
+    # Shared secret sent to the vision and LLM services (their IVL_VISION_AUTH_TOKEN / IVL_LLM_AUTH_TOKEN).
+    internal_token: str = ""
+    # Redis connection pool: at most this many connections; a request waits at most redis_pool_wait_s for
+    # one, then treats its lookup as a miss (a busy pool is not an outage).
+    redis_max_connections: int = Field(default=64, ge=1)
+    redis_pool_wait_s: float = Field(default=0.25, ge=0)
 
-    @field_validator("vision_addresses", "llm_addresses", "api_keys", "url_allowed_hosts", mode="before")
+    @field_validator("vision_addresses", "llm_addresses", "api_keys", "url_allowed_hosts", "cors_allow_origins",
+                     "trusted_proxies", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -82,4 +123,15 @@ class GatewaySettings(BaseSettings):
             raise ValueError("vision_addresses is empty: give at least one host:port of a vision service")
         if not self.llm_addresses:
             raise ValueError("llm_addresses is empty: give at least one host:port of an LLM service")
+        if self.rate_limit:
+            from limits import parse_many
+
+            try:
+                parse_many(self.rate_limit)
+            except ValueError as error:
+                raise ValueError(f"rate_limit {self.rate_limit!r} is not in `limits` notation "
+                                 f"(e.g. '60/minute;10/second'): {error}") from None
+        if self.max_inflight_request_bytes < self.max_request_bytes:
+            raise ValueError("max_inflight_request_bytes is smaller than max_request_bytes: no request of the "
+                             "largest allowed size could ever be admitted")
         return self

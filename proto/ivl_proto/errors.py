@@ -24,6 +24,10 @@ class ErrorCode(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    # The gateway's public edges (HTTP/gRPC admission).
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a POST that is not application/json
+    REQUEST_TIMEOUT = "request_timeout"  # the client sent its request too slowly
+    OVERLOADED = "overloaded"  # the gateway holds as many request bytes as it may; retry shortly
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ ERROR_TABLE: dict[ErrorCode, ErrorMapping] = {
     ErrorCode.DEADLINE_EXCEEDED: ErrorMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
     ErrorCode.CANCELLED: ErrorMapping(grpc.StatusCode.CANCELLED, 499, "cancelled"),
     ErrorCode.INTERNAL: ErrorMapping(grpc.StatusCode.INTERNAL, 500, "server_error"),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: ErrorMapping(grpc.StatusCode.INVALID_ARGUMENT, 415, "invalid_request_error"),
+    ErrorCode.REQUEST_TIMEOUT: ErrorMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 408, "timeout"),
+    ErrorCode.OVERLOADED: ErrorMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, "service_unavailable"),
 }
 
 _BY_GRPC_STATUS: dict[grpc.StatusCode, ErrorCode] = {

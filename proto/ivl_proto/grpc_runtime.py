@@ -76,21 +76,43 @@ def _code_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
     return ((ERROR_CODE_METADATA_KEY, error.code.value),)
 
 
-def new_aio_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
-    return grpc.aio.server(options=message_size_options(max_message_bytes))
+async def abort_with(
+    context: grpc.aio.ServicerContext, error: ServingError, extra_trailers: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Abort the call with the error's mapped status and message (and its ErrorCode in trailing metadata)."""
+    await context.abort(error.grpc_status, error.message, (*_code_metadata(error), *extra_trailers))
+
+
+def new_aio_server(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    max_receive_bytes: int | None = None,
+    options: Iterable[tuple[str, Any]] = (),
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    maximum_concurrent_rpcs: int | None = None,
+) -> grpc.aio.Server:
+    """A grpc.aio server; `max_receive_bytes` (default max_message_bytes) is grpc's own limit on one
+    received message: larger ones are refused with RESOURCE_EXHAUSTED before anything parses them."""
+    size_options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
+    ]
+    return grpc.aio.server(options=[*size_options, *options], interceptors=list(interceptors) or None,
+                           maximum_concurrent_rpcs=maximum_concurrent_rpcs)
 
 
 def add_health_and_reflection(
-    server: grpc.aio.Server, service_names: Iterable[str]
+    server: grpc.aio.Server, service_names: Iterable[str], *, reflection_enabled: bool = True
 ) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 (every service NOT_SERVING until set_serving) and reflection."""
+    """Register grpc.health.v1 (every service NOT_SERVING until set_serving) and, unless disabled, reflection."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
     return health_servicer
 
 

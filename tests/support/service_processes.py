@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,8 @@ class ServiceProcess:
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # stderr goes to a file (a pipe nobody reads would block a chatty process once it is full)
+        self.log_path = Path(tempfile.mkstemp(prefix=f"ivl-{name}-", suffix=".log")[1])
 
     @property
     def address(self) -> str:
@@ -109,17 +112,21 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         assert not self.alive, f"{self.name} is already running"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], env=env, stdout=subprocess.DEVNULL, stderr=log_file,
+                start_new_session=True,
+            )
         self.starts += 1
         return self
 
+    def log_text(self) -> str:
+        """Everything the process wrote to stderr so far (all its starts)."""
+        return self.log_path.read_text(errors="replace")
+
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            err = self.process.stderr.read().decode(errors="replace")[-3000:] if self.process.stderr else ""
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{err}")
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Wait for grpc.health.v1 SERVING; returns the seconds waited."""
@@ -168,8 +175,6 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 class GatewayProcess(ServiceProcess):
@@ -242,14 +247,32 @@ class ProcessBackend:
             "model_path": llm_model_path or model_path, "host": "127.0.0.1", "port": llm_port,
             "torch_threads": 1, "warmup": False, "grace_s": 0.5, **(llm or {}),
         }), llm_port)
+        self._gateway_overrides = gateway or {}
+        self.gateway = self.new_gateway()
+
+    def new_gateway(self, **overrides: Any) -> GatewayProcess:
+        """A gateway process (not started) in front of this backend's services: the backend's gateway
+        settings, then `overrides`."""
         grpc_port, http_port = free_port(), free_port()
-        self.gateway = GatewayProcess(_env("IVL_GATEWAY_", {
+        return GatewayProcess(_env("IVL_GATEWAY_", {
             "vision_addresses": self.vision.address, "llm_addresses": self.llm.address,
             "redis_url": self.redis.url if self.redis is not None else "",
             "grpc_host": "127.0.0.1", "grpc_port": grpc_port, "http_host": "127.0.0.1", "http_port": http_port,
             "health_interval_s": 0.5, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
-            **(gateway or {}),
+            **self._gateway_overrides, **overrides,
         }), grpc_port, http_port)
+
+    @contextlib.contextmanager
+    def extra_gateway(self, **overrides: Any) -> Iterator[GatewayProcess]:
+        """Another gateway process with other settings, started and ready; stopped afterwards."""
+        gateway = self.new_gateway(**overrides)
+        gateway.start()
+        try:
+            gateway.wait_ready()
+            yield gateway
+        finally:
+            gateway.stop()
+            gateway.log_path.unlink(missing_ok=True)
 
     @property
     def services(self) -> list[ServiceProcess]:
@@ -281,6 +304,7 @@ class ProcessBackend:
                 service.process.terminate()  # type: ignore[union-attr]
         for service in reversed(self.services):
             service.stop()
+            service.log_path.unlink(missing_ok=True)
         if self.redis is not None:
             self.redis.stop()
 

@@ -28,6 +28,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -237,6 +238,7 @@ class ProcessStack:
         self._grpc_port = free_port()
         self._env = env or {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: dict[str, Path] = {}  # stderr of each process (a full pipe would block a chatty one)
 
     @property
     def http_url(self) -> str:
@@ -248,10 +250,12 @@ class ProcessStack:
 
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env, **self._env}
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", module], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        self._logs[name] = Path(tempfile.mkstemp(prefix=f"ivl-{name}-", suffix=".log")[1])
+        with self._logs[name].open("wb") as log_file:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", module], env=full_env, stdout=subprocess.DEVNULL, stderr=log_file,
+                start_new_session=True,
+            )
 
     def start(self) -> ProcessStack:
         if self.redis is not None:
@@ -288,7 +292,7 @@ class ProcessStack:
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
-                    err = process.stderr.read().decode(errors="replace")[-3000:] if process.stderr else ""
+                    err = self._logs[name].read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{name} exited with {process.returncode}:\n{err}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.http_url}/ready", timeout=5).status_code == 200:
@@ -306,6 +310,8 @@ class ProcessStack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+        for path in self._logs.values():
+            path.unlink(missing_ok=True)
         if self.redis is not None:
             self.redis.stop()
 

@@ -17,6 +17,7 @@ from ivl_proto.grpc_runtime import (
     set_serving,
     wait_for_stop_signal,
 )
+from ivl_proto.internal_auth import token_server_interceptors
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 
 from ivl_llm.service import LLMService
@@ -71,7 +72,8 @@ class LLMServer:
 def build_server(settings: LLMSettings, service: LLMService | None = None) -> LLMServer:
     """Create the server and bind it (port 0 picks a free port); nothing is loaded yet."""
     service = service or LLMService(settings)
-    server = new_aio_server(settings.max_message_bytes)
+    server = new_aio_server(settings.max_message_bytes,
+                            interceptors=token_server_interceptors(settings.auth_token, "LLM"))
     llm_pb2_grpc.add_LanguageModelServicer_to_server(LanguageModelServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.port)

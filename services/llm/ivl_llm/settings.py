@@ -17,6 +17,8 @@ class LLMSettings(BaseSettings):
     model_path: str = Field("", description="checkpoint folder (original OpenGVLab or transformers-native layout)")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to accept remote clients")
     port: int = 50052
+    auth_token: str = Field("", description="shared secret the gateway must send (x-ivl-internal-token "
+                            "metadata); empty = no check. grpc.health.v1 stays open")
     backend: Literal["transformers", "lmdeploy"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"

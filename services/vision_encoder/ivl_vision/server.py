@@ -26,6 +26,7 @@ from ivl_proto.grpc_runtime import (
     set_serving,
     wait_for_stop_signal,
 )
+from ivl_proto.internal_auth import token_server_interceptors
 from ivl_proto.vision.v1 import vision_pb2_grpc
 
 from ivl_vision.batching import TileBatcher
@@ -68,7 +69,8 @@ class VisionServer:
     def __init__(self, settings: VisionSettings, load: LoadEncoder = load_encoder) -> None:
         self.settings = settings
         self._load = load
-        self._server = new_aio_server(settings.max_message_bytes)
+        self._server = new_aio_server(settings.max_message_bytes,
+                                      interceptors=token_server_interceptors(settings.auth_token, "vision"))
         self._servicer = VisionEncoderServicer()
         vision_pb2_grpc.add_VisionEncoderServicer_to_server(self._servicer, self._server)
         self._health = add_health_and_reflection(self._server, [SERVICE_NAME])

@@ -32,6 +32,8 @@ class VisionSettings(BaseSettings):
     model_path: DirectoryPath = Field(description="checkpoint folder (original OpenGVLab or transformers-native layout)")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to accept remote clients")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    auth_token: str = Field("", description="shared secret the gateway must send (x-ivl-internal-token "
+                            "metadata); empty = no check. grpc.health.v1 stays open")
     dtype: DtypeName = Field(
         "float32", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (bf16 is slow on CPUs)"
     )

@@ -35,7 +35,7 @@ def redis_spec(settings: StackSettings, base_env: Mapping[str, str]) -> ServiceS
             f"{settings.redis_server} not found; install it (`sudo apt-get install redis-server`) "
             "or run scripts/run_stack.sh, which installs it"
         )
-    host = settings.connect_host()
+    host = settings.internal_host  # the cache has no password: never on a public address by default
     argv = [
         binary, "--bind", host, "--port", str(settings.redis_port), "--save", "", "--appendonly", "no",
         "--maxmemory", settings.redis_maxmemory, "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no",
@@ -45,12 +45,16 @@ def redis_spec(settings: StackSettings, base_env: Mapping[str, str]) -> ServiceS
 
 
 def model_specs(settings: StackSettings, model_path: Path, base_env: Mapping[str, str]) -> list[ServiceSpec]:
-    """The vision encoder and the LLM service (started together: both load weights)."""
-    host = settings.connect_host()
+    """The vision encoder and the LLM service (started together: both load weights). They bind to
+    `internal_host` (loopback by default, whatever --host says) and require the run's internal token."""
+    host = settings.internal_host
+    token = settings.internal_token
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     vision_env = _env(base_env, IVL_VISION_MODEL_PATH=model_path, IVL_VISION_HOST=host,
-                      IVL_VISION_PORT=settings.vision_port, IVL_VISION_DEVICE=device, IVL_VISION_DTYPE=dtype)
+                      IVL_VISION_PORT=settings.vision_port, IVL_VISION_DEVICE=device, IVL_VISION_DTYPE=dtype,
+                      IVL_VISION_AUTH_TOKEN=token)
     llm_env = _env(base_env, IVL_LLM_MODEL_PATH=model_path, IVL_LLM_HOST=host, IVL_LLM_PORT=settings.llm_port,
+                   IVL_LLM_AUTH_TOKEN=token,
                    IVL_LLM_DEVICE=device, IVL_LLM_DTYPE=dtype, IVL_LLM_BACKEND=settings.resolved_backend(),
                    IVL_LLM_TRUST_REMOTE_CODE="true" if settings.trust_remote_code else None)
     vision_addr, llm_addr = f"{host}:{settings.vision_port}", f"{host}:{settings.llm_port}"
@@ -63,10 +67,12 @@ def model_specs(settings: StackSettings, model_path: Path, base_env: Mapping[str
 
 def gateway_spec(settings: StackSettings, redis_url: str, base_env: Mapping[str, str]) -> ServiceSpec:
     host = settings.connect_host()
+    internal = settings.internal_host
     env = _env(
         base_env,
-        IVL_GATEWAY_VISION_ADDRESSES=f"{host}:{settings.vision_port}",
-        IVL_GATEWAY_LLM_ADDRESSES=f"{host}:{settings.llm_port}",
+        IVL_GATEWAY_VISION_ADDRESSES=f"{internal}:{settings.vision_port}",
+        IVL_GATEWAY_LLM_ADDRESSES=f"{internal}:{settings.llm_port}",
+        IVL_GATEWAY_INTERNAL_TOKEN=settings.internal_token,
         IVL_GATEWAY_REDIS_URL=redis_url,
         IVL_GATEWAY_GRPC_HOST=settings.host,
         IVL_GATEWAY_GRPC_PORT=settings.grpc_port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,10 @@ class StackSettings(BaseSettings):
     vision_port: int = Field(50051, ge=1, le=65535)
     llm_port: int = Field(50052, ge=1, le=65535)
     redis_port: int = Field(6390, ge=1, le=65535)
+    # The vision and LLM services listen here (loopback: only this machine reaches them) and take calls only
+    # with this token, which the launcher hands to the gateway; a new random one per run unless set.
+    internal_host: str = "127.0.0.1"
+    internal_token: str = Field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     # Redis embedding cache: a memory cap with LRU eviction, no persistence.
     redis_maxmemory: str = "1gb"
     redis_server: str = "redis-server"
