@@ -9,8 +9,10 @@ connection:
   response, to a complete request head: an idle socket is closed silently, a partial head gets 408;
 - a body deadline: no body bytes for `http_body_idle_timeout_s`, a rate under `http_min_body_rate_bytes_s`
   after `http_body_rate_grace_s`, or the whole body over `http_body_timeout_s` -> 408 and close;
-- a cap of `http_max_connections` open connections: at the cap the connection idle the longest (no request
-  in progress) is closed to make room, and when none is idle the new one gets 503 + Retry-After;
+- a cap of `http_max_connections` open connections: at the cap an idle connection (no request in progress)
+  is closed to make room — first those that never sent a request (the idle sockets of a flood), oldest
+  first, and only then kept-alive ones of clients that were served — and when none is idle the new one
+  gets 503 + Retry-After;
 - a keep-alive reuse limit (`http_max_requests_per_connection`: the last response says `Connection: close`).
 
 Everything else (parsing, header size via h11_max_incomplete_event_size, idle keep-alive via
@@ -77,11 +79,13 @@ def raw_error_response(status: int, code: str, message: str, retry_after_s: int 
 
 
 class ConnectionGuard:
-    """The open connections of one HTTP server: idle ones in the order they became idle, busy ones apart."""
+    """The open connections of one HTTP server: idle ones in the order they became idle (those that never sent
+    a request apart from kept-alive ones), busy ones apart."""
 
     def __init__(self, limits: GuardLimits, connections: Gauge, closed: Counter, throttle: LogThrottle) -> None:
         self.limits = limits
-        self._idle: OrderedDict[GuardedH11Protocol, None] = OrderedDict()
+        self._fresh: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle, no request yet
+        self._kept: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle between requests
         self._busy: set[GuardedH11Protocol] = set()
         self._gauge = connections
         self._closed = closed
@@ -89,7 +93,7 @@ class ConnectionGuard:
 
     @property
     def open_connections(self) -> int:
-        return len(self._idle) + len(self._busy)
+        return len(self._fresh) + len(self._kept) + len(self._busy)
 
     def protocol_class(self) -> type[H11Protocol]:
         """The class to give uvicorn as `http=`: GuardedH11Protocol bound to this guard."""
@@ -97,32 +101,35 @@ class ConnectionGuard:
 
     def admit(self, conn: GuardedH11Protocol) -> bool:
         if self.open_connections >= self.limits.max_connections:
-            if not self._idle:
+            if not self._fresh and not self._kept:
                 self.closed("refused_at_cap", "HTTP connection cap (%d) reached and every connection has a "
                             "request in progress: refusing new connections with 503", self.limits.max_connections,
                             level=logging.WARNING)
                 return False
-            victim, _ = self._idle.popitem(last=False)
+            victim, _ = (self._fresh or self._kept).popitem(last=False)
             self.closed("evicted_idle", "HTTP connection cap (%d) reached: closing the connections idle the "
                         "longest to make room", self.limits.max_connections, level=logging.WARNING)
             victim.close_idle()
-        self._idle[conn] = None
+        self._fresh[conn] = None
         self._report()
         return True
 
-    def mark_idle(self, conn: GuardedH11Protocol) -> None:
+    def mark_idle(self, conn: GuardedH11Protocol, served: bool) -> None:
         self._busy.discard(conn)
-        self._idle[conn] = None
-        self._idle.move_to_end(conn)
+        self._fresh.pop(conn, None)
+        self._kept.pop(conn, None)
+        (self._kept if served else self._fresh)[conn] = None
         self._report()
 
     def mark_busy(self, conn: GuardedH11Protocol) -> None:
-        self._idle.pop(conn, None)
+        self._fresh.pop(conn, None)
+        self._kept.pop(conn, None)
         self._busy.add(conn)
         self._report()
 
     def forget(self, conn: GuardedH11Protocol) -> None:
-        self._idle.pop(conn, None)
+        self._fresh.pop(conn, None)
+        self._kept.pop(conn, None)
         self._busy.discard(conn)
         self._report()
 
@@ -200,7 +207,7 @@ class GuardedH11Protocol(H11Protocol):
         limits = self.guard.limits
         if phase == "idle":
             self._phase_bytes = 0
-            self.guard.mark_idle(self)
+            self.guard.mark_idle(self, served=self._requests > 0)
             self._timer = self.loop.call_later(limits.header_timeout_s, self._header_deadline)
         elif phase == "body":
             self.guard.mark_busy(self)
