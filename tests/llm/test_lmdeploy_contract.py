@@ -32,6 +32,7 @@ from ivl_llm.sampling import Sampling
 from ivl_llm.service import Finished, LLMService
 from ivl_llm.templates import ChatMessage
 from ivl_proto.errors import ErrorCode, ServingError
+from PIL import ImageFile
 from support import turbomind_stub
 from support.llm_server import server_settings
 
@@ -49,6 +50,7 @@ def lmdeploy() -> Iterator[Any]:
             "(pip download lmdeploy, 106 MB) and could not reach a package index on this machine"
         )
     saved_path, saved_modules = list(sys.path), set(sys.modules)
+    saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES  # lmdeploy.vl sets this PIL global at import
     sys.path[:0] = [str(LAYER / "site"), str(LAYER / "deps")]
     turbomind_stub.install()
     try:
@@ -60,6 +62,7 @@ def lmdeploy() -> Iterator[Any]:
         yield lmdeploy
     finally:
         sys.path[:] = saved_path
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
         for name in set(sys.modules) - saved_modules:
             if name == "lmdeploy" or name.startswith("lmdeploy."):
                 del sys.modules[name]
