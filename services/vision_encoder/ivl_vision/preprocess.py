@@ -11,6 +11,7 @@ naming the limit. `preprocess_trusted` (no sandbox) is for trusted input: the CL
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +43,10 @@ class SandboxLimits:
     wall_s: float = 30.0  # wall-clock guard per task (a starved or stuck worker)
     memory_bytes: int = 1 << 30  # address space per worker beyond its imports
     recycle_rss_bytes: int = 512 << 20  # replace a worker whose RSS stays above this after a task
+    threads: int = 1  # threads a worker resizes + normalises one image with (ivl_vision.banded_resize)
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.cpu_s <= 0 or self.wall_s <= 0 or self.cpu_s_per_megapixel < 0:
+        if self.threads < 1 or self.workers < 1 or self.cpu_s <= 0 or self.wall_s <= 0 or self.cpu_s_per_megapixel < 0:
             raise invalid(f"decode sandbox limits must be positive, got {self}")
 
     def cpu_budget(self, pixels: int) -> float:
@@ -58,12 +60,16 @@ class SandboxLimits:
         )
 
 
-def preprocess_trusted(data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32") -> PreprocessedImage:
-    """Decode, plan and tile in the calling thread, without the sandbox: for trusted input only (the
-    ivl-plan CLI, benchmarks, tests, training data made here)."""
+def preprocess_trusted(
+    data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32",
+    executor: Executor | None = None, threads: int = 1,
+) -> PreprocessedImage:
+    """Decode, plan and tile in the calling thread (the resizes on `executor`'s threads when given), without
+    the sandbox: for trusted input only (the ivl-plan CLI, benchmarks, tests, training data made here)."""
     image = decode_image(data, limits)
     plan = plan_tiles(image.width, image.height, config)
-    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype), plan=plan)
+    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype, executor=executor, threads=threads),
+                             plan=plan)
 
 
 def _gib(size: int) -> str:
@@ -128,7 +134,7 @@ class Preprocessor:
             return memoryview(pixels).cast("B")
 
         task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": self._dtype,
-                "expect_size": list(size)}
+                "expect_size": list(size), "threads": self.sandbox.threads}
         pixels_count = size[0] * size[1]
         await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
         return PreprocessedImage(pixels=pixels, plan=plan)

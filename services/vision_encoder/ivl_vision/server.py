@@ -54,6 +54,7 @@ def build_preprocessor(settings: VisionSettings, dtype: str) -> Preprocessor:
         workers=settings.preprocess_workers, light_pixels=settings.decode_light_pixels, cpu_s=settings.decode_cpu_s,
         cpu_s_per_megapixel=settings.decode_cpu_s_per_mp, wall_s=settings.decode_wall_s,
         memory_bytes=settings.decode_memory_mb << 20, recycle_rss_bytes=settings.decode_recycle_rss_mb << 20,
+        threads=settings.resolved_decode_threads(),
     )
     return Preprocessor(limits, dtype=dtype, sandbox=sandbox)
 

@@ -6,6 +6,7 @@ Nothing is read from the environment at import time: call `load_settings()` (or 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
@@ -75,6 +76,11 @@ class VisionSettings(BaseSettings):
         description="sandboxed worker processes that read headers and decode + tile images (more than cores: "
         "decodes are time-shared, so a small image is not stuck behind large ones)",
     )
+    decode_threads: int = Field(
+        0, ge=0, le=64,
+        description="threads each decode worker resizes and normalises one image with (bands, bit-exact); "
+        "0 = auto: min(4, cores)",
+    )
     decode_light_pixels: int = Field(
         4_000_000, ge=1, description="the last free decode worker only takes images up to this many pixels"
     )
@@ -119,6 +125,12 @@ class VisionSettings(BaseSettings):
                 f"{ENV_PREFIX}DEVICE=cuda but no CUDA device is visible; use cpu or auto"
             )
         return self.device
+
+    def resolved_decode_threads(self) -> int:
+        """Threads per decode worker: the setting, or min(4, the cores this process may use)."""
+        if self.decode_threads:
+            return self.decode_threads
+        return max(1, min(4, len(os.sched_getaffinity(0))))
 
     def resolved_dtype(self, device: str) -> str:
         """The compute dtype name: 'auto' becomes bfloat16 on CUDA and float32 on CPU."""
