@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,14 @@ from ivl_proto.grpc_runtime import (
     wait_for_stop_signal,
 )
 from ivl_proto.internal_auth import token_server_interceptors
-from ivl_proto.vision.v1 import vision_pb2_grpc
 
 from ivl_vision.batching import TileBatcher
+from ivl_vision.checkpoint_config import declared_dtype
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor, SandboxLimits
 from ivl_vision.service import TORCH_DTYPES, VisionService, make_encode_fn
-from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer
+from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer, add_vision_servicer
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import pixel_numpy_dtype
 
@@ -73,7 +74,7 @@ class VisionServer:
         self._server = new_aio_server(settings.max_message_bytes,
                                       interceptors=token_server_interceptors(settings.auth_token, "vision"))
         self._servicer = VisionEncoderServicer()
-        vision_pb2_grpc.add_VisionEncoderServicer_to_server(self._servicer, self._server)
+        add_vision_servicer(self._servicer, self._server)
         self._health = add_health_and_reflection(self._server, [SERVICE_NAME])
         self._loading: asyncio.Task[VisionService] | None = None
         self.service: VisionService | None = None
@@ -109,7 +110,8 @@ class VisionServer:
         device = settings.resolved_device(torch.cuda.is_available())
         dtype = settings.resolved_dtype(device)
         encoder = await asyncio.to_thread(self._load, settings, device, dtype)
-        encode_fn = make_encode_fn(encoder, dtype, device)
+        embedding_dtype = settings.resolved_embedding_dtype(dtype, declared_dtype(Path(settings.model_path)))
+        encode_fn = make_encode_fn(encoder, dtype, device, embedding_dtype)
         info = encoder.info
         preprocessor = build_preprocessor(settings, dtype)  # pixels in the compute dtype: half the memory at 16 bit
         try:
@@ -125,7 +127,7 @@ class VisionServer:
             batching=settings.batching,
         )
         batcher.start()
-        service = VisionService(settings, encoder, preprocessor, batcher)
+        service = VisionService(settings, encoder, preprocessor, batcher, embedding_dtype=embedding_dtype)
         self.service = service
         self._servicer.attach(service)
         if not self._stopped:

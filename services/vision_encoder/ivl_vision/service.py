@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ class ServiceInfo:
     decode: DecodeInfo
     max_image_side: int
     max_jpeg_scans: int
+    embedding_dtype: str
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,14 @@ class BatchingInfo:
     stats: BatcherStats
 
 
-def make_encode_fn(encoder: Any, dtype: str, device: str) -> EncodeFn:
-    """Wrap encoder.encode for the batcher: numpy pixels in, numpy (T, tokens, hidden) out.
+def make_encode_fn(encoder: Any, dtype: str, device: str, output_dtype: str | None = None) -> EncodeFn:
+    """Wrap encoder.encode for the batcher: numpy pixels in, numpy (T, tokens, hidden) out, in `output_dtype`
+    (default: the compute dtype), cast on the device before the copy to the host.
 
     Pixels may be float32, float16 or bfloat16 bit patterns (uint16), as the Preprocessor makes them.
     """
     torch_dtype = TORCH_DTYPES[dtype]
+    out_dtype = TORCH_DTYPES[output_dtype or dtype]
 
     def encode(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -139,12 +143,20 @@ def make_encode_fn(encoder: Any, dtype: str, device: str) -> EncodeFn:
             if batch.dtype == torch.uint16:  # bfloat16 pixels travel as their bit patterns
                 batch = batch.view(torch.bfloat16)
             batch = batch.to(device=device, dtype=torch_dtype)
-            output = encoder.encode(batch).detach().to("cpu")
+            output = encoder.encode(batch).detach().to(dtype=out_dtype).to("cpu")
         if output.dtype == torch.bfloat16:
             return output.contiguous().view(torch.int16).numpy().view(np.uint16)
         return output.contiguous().numpy()
 
     return encode
+
+
+def embedding_fingerprint(model_fingerprint: str, compute_dtype: str, embedding_dtype: str) -> str:
+    """The model's fingerprint, or (when embeddings are cast to another dtype) one that differs with that dtype:
+    cache keys must never mix embeddings of two dtypes."""
+    if embedding_dtype == compute_dtype:
+        return model_fingerprint
+    return hashlib.sha256(f"{model_fingerprint}|embeddings:{embedding_dtype}".encode()).hexdigest()[: len(model_fingerprint)]
 
 
 def _dtype_name(array: np.ndarray) -> str:
@@ -168,7 +180,7 @@ class VisionService:
 
     def __init__(
         self, settings: VisionSettings, encoder: Any, preprocessor: Preprocessor, batcher: TileBatcher,
-        pixel_budget: PixelBudget | None = None,
+        pixel_budget: PixelBudget | None = None, embedding_dtype: str | None = None,
     ) -> None:
         self.settings = settings
         self.encoder = encoder
@@ -180,6 +192,8 @@ class VisionService:
         )
         self.model = encoder.info
         self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.embedding_dtype = embedding_dtype or self.dtype
+        self.fingerprint = embedding_fingerprint(str(self.model.fingerprint), self.dtype, self.embedding_dtype)
         self.default_tiling = default_tiling(settings, self.model)
         self.tokens_per_tile = int(self.model.tokens_per_tile)
 
@@ -255,7 +269,7 @@ class VisionService:
             EncodedImage(embedding, _dtype_name(embedding), self._planned(p.plan, config))
             for embedding, p, config in zip(embeddings, preprocessed, configs, strict=True)
         ]
-        return EncodeResult(encoded, encode_started - started, done - encode_started, self.model.fingerprint)
+        return EncodeResult(encoded, encode_started - started, done - encode_started, self.fingerprint)
 
     async def _decode_all(
         self, images: Sequence[ImageRequest], configs: Sequence[TilingConfig], plans: Sequence[TilePlan]
@@ -312,13 +326,14 @@ class VisionService:
         m = self.model
         limits = self.preprocessor.limits
         return ServiceInfo(
-            model_id=str(m.model_id), fingerprint=str(m.fingerprint), hidden_size=int(m.llm_hidden_size),
+            model_id=str(m.model_id), fingerprint=self.fingerprint, hidden_size=int(m.llm_hidden_size),
             tokens_per_tile=self.tokens_per_tile, image_size=int(m.image_size), dtype=self.dtype,
             device=str(m.device), default_tiling=self.default_tiling, max_tiles_limit=MAX_TILES_LIMIT,
             max_image_bytes=self.settings.max_image_bytes, max_image_pixels=self.settings.max_image_pixels,
             max_images_per_request=self.settings.max_images_per_request, ps_version=str(m.ps_version),
             downsample_ratio=float(m.downsample_ratio), batching=self.batching_info(), decode=self.decode_info(),
             max_image_side=limits.max_side, max_jpeg_scans=limits.max_jpeg_scans,
+            embedding_dtype=self.embedding_dtype,
         )
 
     def batching_info(self) -> BatchingInfo:

@@ -38,6 +38,10 @@ class VisionSettings(BaseSettings):
     dtype: DtypeName = Field(
         "float32", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (bf16 is slow on CPUs)"
     )
+    embedding_dtype: DtypeName = Field(
+        "auto", description="dtype of the embeddings sent (cast on the device, before the copy to the host); auto = "
+        "the compute dtype, or the checkpoint's own 16-bit dtype when computing in float32 (never widened)",
+    )
     device: DeviceName = Field("cpu", description="cpu, cuda, or auto (cuda when available)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch default")
 
@@ -131,6 +135,15 @@ class VisionSettings(BaseSettings):
         if self.decode_threads:
             return self.decode_threads
         return max(1, min(4, len(os.sched_getaffinity(0))))
+
+    def resolved_embedding_dtype(self, compute: str, checkpoint: str | None) -> str:
+        """The dtype embeddings travel in: the setting, else the compute dtype, narrowed to the checkpoint's 16-bit
+        dtype when the compute dtype is float32 (a CPU service of a bf16 model sends bf16, half the bytes)."""
+        if self.embedding_dtype != "auto":
+            return self.embedding_dtype
+        if compute == "float32" and checkpoint in ("bfloat16", "float16"):
+            return checkpoint
+        return compute
 
     def resolved_dtype(self, device: str) -> str:
         """The compute dtype name: 'auto' becomes bfloat16 on CUDA and float32 on CPU."""
