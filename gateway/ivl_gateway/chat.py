@@ -16,6 +16,7 @@ from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.gateway.v1 import gateway_pb2
 from ivl_proto.llm.v1 import llm_pb2
+from ivl_proto.tensor_wire import WireTensor
 
 from ivl_gateway.cache import EmbeddingCache
 from ivl_gateway.conversation import (
@@ -28,7 +29,7 @@ from ivl_gateway.conversation import (
 )
 from ivl_gateway.embedding_codec import TilingChoice
 from ivl_gateway.image_embeddings import EmbeddingResolver
-from ivl_gateway.llm_client import LLMClient
+from ivl_gateway.llm_client import LLMClient, generate_request_bytes
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import MAX_TILES_LIMIT, GatewaySettings
 from ivl_gateway.vision_client import VisionClient
@@ -101,7 +102,7 @@ class ChatService:
     async def _chat(self, turn: ChatTurn, start: float) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
         images = collect_images(turn, self.limits)
         llm_info = await self.llm.info()
-        embeddings: list[common_pb2.Tensor] = []
+        embeddings: list[WireTensor] = []
         hits = 0
         vision_s = 0.0
         if images:
@@ -123,7 +124,7 @@ class ChatService:
             vision_s = time.perf_counter() - vision_start
             for item in resolved:
                 hits += item.cache_hit
-                embeddings.append(item.embedding.to_tensor_pb())
+                embeddings.append(item.embedding.to_wire())
                 yield gateway_pb2.ChatResponse(
                     image=gateway_pb2.ImageInfo(
                         message_index=item.image.message_index,
@@ -133,11 +134,10 @@ class ChatService:
                         encode_s=item.encode_s,
                     )
                 )
-        request = llm_pb2.GenerateRequest(
-            messages=llm_messages(turn, len(images)),
-            image_embeddings=embeddings,
-            sampling=turn.sampling,
-            request_id=turn.request_id,
+        request = generate_request_bytes(
+            llm_pb2.GenerateRequest(messages=llm_messages(turn, len(images)), sampling=turn.sampling,
+                                    request_id=turn.request_id),
+            embeddings,
         )
         first_token_at: float | None = None
         async for response in self.llm.generate(request):

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
+from ivl_proto.tensor_wire import WireTensor
 
 MAGIC = b"IVLE"
 VERSION = 1
@@ -54,15 +55,21 @@ class TilingChoice:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """One image's embedding as raw bytes (never decoded in the gateway) plus its tiling plan."""
+    """One image's embedding as raw bytes (never decoded in the gateway) plus its tiling plan. `data` is a view
+    into what it came in (the vision service's response, a Redis value) where possible: no copy until the one
+    into the next message (`to_wire`, ivl_proto.tensor_wire)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
     plan: common_pb2.ImagePlan
 
+    def to_wire(self) -> WireTensor:
+        return WireTensor(self.dtype, self.shape, self.data)
+
     def to_tensor_pb(self) -> common_pb2.Tensor:
-        return common_pb2.Tensor(dtype=self.dtype, shape=list(self.shape), data=self.data)
+        """As a protobuf message (copies the data: the embedding hops use to_wire)."""
+        return common_pb2.Tensor(dtype=self.dtype, shape=list(self.shape), data=bytes(self.data))
 
 
 def image_digest(data: bytes) -> str:
@@ -82,9 +89,9 @@ def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
     if embedding.dtype not in _DTYPES:
         raise ValueError(f"embedding dtype {embedding.dtype!r} cannot be cached")
     code, _ = _DTYPES[embedding.dtype]
+    size = memoryview(embedding.data).nbytes
     header = _FIXED.pack(
-        MAGIC, VERSION, code, len(embedding.shape), 0, _key_digest(key),
-        zlib.crc32(embedding.data), len(embedding.data),
+        MAGIC, VERSION, code, len(embedding.shape), 0, _key_digest(key), zlib.crc32(embedding.data), size,
     )
     shape = struct.pack(f"<{len(embedding.shape)}Q", *embedding.shape)
     plan = _PLAN.pack(*(int(getattr(embedding.plan, name)) for name in _PLAN_FIELDS))
@@ -92,7 +99,8 @@ def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
 
 
 def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> ImageEmbedding:
-    """Parse and verify a cached value; CorruptEntry when anything does not match."""
+    """Parse and verify a cached value; CorruptEntry when anything does not match. The embedding's data is a view
+    into `value` (no copy)."""
     if len(value) < _FIXED.size:
         raise CorruptEntry(f"entry is {len(value)} bytes, shorter than its header")
     magic, version, code, ndim, _, digest, crc, length = _FIXED.unpack_from(value, 0)
@@ -107,14 +115,14 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
     offset += 8 * ndim
     plan_values = _PLAN.unpack_from(value, offset)
     offset += _PLAN.size
-    payload = value[offset:]
+    payload = memoryview(value)[offset:]
     dtype = _DTYPE_NAMES[code]
     itemsize = _DTYPES[dtype][1]
     count = 1
     for dim in shape:
         count *= dim
-    if len(payload) != length or count * itemsize != length:
-        raise CorruptEntry(f"payload is {len(payload)} bytes; header says {length}, shape {list(shape)}")
+    if payload.nbytes != length or count * itemsize != length:
+        raise CorruptEntry(f"payload is {payload.nbytes} bytes; header says {length}, shape {list(shape)}")
     if zlib.crc32(payload) != crc:
         raise CorruptEntry("payload checksum mismatch")
     if expected_hidden is not None and shape[-1] != expected_hidden:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import grpc
+from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.image_budget import ImageBudget
@@ -16,6 +18,8 @@ from ivl_gateway.replicas import call_unary
 from ivl_gateway.service_client import ServiceClient
 from ivl_gateway.settings import GatewaySettings
 
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
 
 @dataclass(frozen=True)
 class EncodeResult:
@@ -25,10 +29,32 @@ class EncodeResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class EncodeReply:
+    """An EncodeImagesResponse whose embeddings' data stayed in the received bytes (views, no copy)."""
+
+    response: vision_pb2.EncodeImagesResponse  # embeddings with empty data
+    embedding_data: list[memoryview]
+
+
+def parse_encode_reply(raw: bytes) -> EncodeReply:
+    response, datas = tensor_wire.split_tensors(vision_pb2.EncodeImagesResponse, raw, (1, 1))
+    return EncodeReply(response, datas)
+
+
+def vision_stub(channel: grpc.aio.Channel) -> vision_pb2_grpc.VisionEncoderStub:
+    """The generated stub, with EncodeImages reading its embeddings as views of the received bytes."""
+    stub = vision_pb2_grpc.VisionEncoderStub(channel)
+    stub.EncodeImages = channel.unary_unary(  # type: ignore[method-assign]
+        f"/{SERVICE_NAME}/EncodeImages", request_serializer=vision_pb2.EncodeImagesRequest.SerializeToString,
+        response_deserializer=parse_encode_reply,
+    )
+    return stub
+
+
 class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
-        super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub,
-                         vision_pb2.InfoRequest(), settings)
+        super().__init__("vision", settings.vision_addresses, vision_stub, vision_pb2.InfoRequest(), settings)
         self._metrics = metrics
 
     async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:
@@ -46,8 +72,9 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             budget=(budget or ImageBudget()).to_pb(),
         )
         start = time.perf_counter()
-        response, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)
+        reply, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)
         seconds = time.perf_counter() - start
+        response = reply.response
         if len(response.images) != len(images):
             raise ServingError(
                 ErrorCode.INTERNAL,
@@ -59,10 +86,10 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             ImageEmbedding(
                 dtype=item.embedding.dtype,
                 shape=tuple(int(d) for d in item.embedding.shape),
-                data=item.embedding.data,
+                data=data,
                 plan=item.plan,
             )
-            for item in response.images
+            for item, data in zip(response.images, reply.embedding_data, strict=True)
         ]
         fingerprint = response.fingerprint or (replica.info.fingerprint if replica.info else "")
         return EncodeResult(embeddings, fingerprint, replica.address, seconds)

@@ -39,7 +39,7 @@ def tensor_to_pb(array: np.ndarray, dtype: str | None = None) -> common_pb2.Tens
 def tensor_to_wire(array: np.ndarray, dtype: str | None = None) -> WireTensor:
     """The array as a Tensor to write with ivl_proto.tensor_wire (its data not copied)."""
     name = _checked_name(array, dtype)
-    return WireTensor.from_array(np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[name]), name)
+    return WireTensor.from_array(np.asarray(array, dtype=_NUMPY_DTYPES[name], order="C"), name)
 
 
 def tensor_from_pb(tensor: common_pb2.Tensor, what: str = "tensor", data: Buffer | None = None) -> np.ndarray:

@@ -62,8 +62,8 @@ class WireTensor:
 
     @classmethod
     def from_array(cls, array: np.ndarray, dtype: str) -> WireTensor:
-        contiguous = np.ascontiguousarray(array)
-        return cls(dtype, tuple(int(d) for d in array.shape), memoryview(contiguous).cast("B"))
+        contiguous = np.asarray(array, order="C").reshape(-1)  # 1-D: a 0-d or empty array casts to bytes too
+        return cls(dtype, tuple(int(d) for d in array.shape), memoryview(contiguous.view(np.uint8)))
 
     @property
     def nbytes(self) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,13 +33,24 @@ from ivl_llm.sampling import Sampling
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_VIEW_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "<u2": torch.int16}
 
 
 def embedding_to_torch(embedding: ImageEmbedding) -> torch.Tensor:
-    array = np.array(embedding.array, copy=True, order="C")  # wire buffers are read-only
+    """A torch view of the embedding's (read-only) wire bytes, no copy: it is only read, once, when its rows are
+    written into the prompt's input embeddings (the one conversion of this hop)."""
+    array = np.ascontiguousarray(embedding.array)
+    if array.flags.writeable:
+        tensor = torch.from_numpy(array)
+    else:
+        with warnings.catch_warnings():  # torch warns that it cannot make a read-only buffer read-only
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.frombuffer(array, dtype=TORCH_VIEW_DTYPES[array.dtype.str]) if array.size else torch.from_numpy(
+                array.copy())
+        tensor = tensor.reshape(array.shape)
     if embedding.dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+        return tensor.view(torch.int16).view(torch.bfloat16) if tensor.dtype != torch.bfloat16 else tensor
+    return tensor
 
 
 def build_processors(sampling: Sampling) -> Any:
