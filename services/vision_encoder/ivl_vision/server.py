@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ivl_proto.errors import ServingError
 from ivl_proto.grpc_runtime import (
@@ -31,10 +30,11 @@ from ivl_proto.internal_auth import token_server_interceptors
 
 from ivl_vision.batching import TileBatcher
 from ivl_vision.checkpoint_config import declared_dtype
+from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor, SandboxLimits
-from ivl_vision.service import TORCH_DTYPES, VisionService, make_encode_fn
+from ivl_vision.service import TORCH_DTYPES, VisionService
 from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer, add_vision_servicer
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import pixel_numpy_dtype
@@ -111,20 +111,22 @@ class VisionServer:
         dtype = settings.resolved_dtype(device)
         encoder = await asyncio.to_thread(self._load, settings, device, dtype)
         embedding_dtype = settings.resolved_embedding_dtype(dtype, declared_dtype(Path(settings.model_path)))
-        encode_fn = make_encode_fn(encoder, dtype, device, embedding_dtype)
+        pipeline = EncodePipeline(encoder, dtype, device, embedding_dtype, settings.max_batch_tiles,
+                                  compile_mode=settings.compile)
         info = encoder.info
         preprocessor = build_preprocessor(settings, dtype)  # pixels in the compute dtype: half the memory at 16 bit
         try:
             await preprocessor.start()
-            if settings.warmup:  # one dummy forward, outside the batcher's counters
-                size = int(info.image_size)
-                await asyncio.to_thread(encode_fn, np.zeros((1, 3, size, size), dtype=pixel_numpy_dtype(dtype)))
+            if settings.warmup or settings.compile != "off":  # dummy forwards (each compiled shape), outside the counters
+                await asyncio.to_thread(pipeline.warm_up, int(info.image_size), pixel_numpy_dtype(dtype))
         except BaseException:
             await preprocessor.close()
             raise
+        # On a GPU the next full batch is staged (pinned memory, async copy) during the current forward.
+        staged = pipeline.cuda
         batcher = TileBatcher(
-            encode_fn, settings.max_batch_tiles, settings.batch_wait_ms, settings.max_queued_tiles,
-            batching=settings.batching,
+            pipeline.run if staged else pipeline, settings.max_batch_tiles, settings.batch_wait_ms,
+            settings.max_queued_tiles, batching=settings.batching, stage_fn=pipeline.stage if staged else None,
         )
         batcher.start()
         service = VisionService(settings, encoder, preprocessor, batcher, embedding_dtype=embedding_dtype)

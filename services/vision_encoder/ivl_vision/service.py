@@ -28,7 +28,8 @@ from ivl_proto.image_budget import PlannedImage as BudgetedImage
 from ivl_proto.worker_pool import PoolStats
 
 from ivl_vision.admission import BudgetStats, PixelBudget
-from ivl_vision.batching import BatcherStats, EncodeFn, TileBatcher
+from ivl_vision.batching import BatcherStats, TileBatcher
+from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
@@ -128,27 +129,13 @@ class BatchingInfo:
     stats: BatcherStats
 
 
-def make_encode_fn(encoder: Any, dtype: str, device: str, output_dtype: str | None = None) -> EncodeFn:
-    """Wrap encoder.encode for the batcher: numpy pixels in, numpy (T, tokens, hidden) out, in `output_dtype`
-    (default: the compute dtype), cast on the device before the copy to the host.
+def make_encode_fn(encoder: Any, dtype: str, device: str, output_dtype: str | None = None) -> EncodePipeline:
+    """The batcher's encode function: numpy pixels in, numpy (T, tokens, hidden) out in `output_dtype` (default:
+    the compute dtype), cast on the device before the copy to the host (ivl_vision.encode_pipeline).
 
     Pixels may be float32, float16 or bfloat16 bit patterns (uint16), as the Preprocessor makes them.
     """
-    torch_dtype = TORCH_DTYPES[dtype]
-    out_dtype = TORCH_DTYPES[output_dtype or dtype]
-
-    def encode(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(pixels))
-            if batch.dtype == torch.uint16:  # bfloat16 pixels travel as their bit patterns
-                batch = batch.view(torch.bfloat16)
-            batch = batch.to(device=device, dtype=torch_dtype)
-            output = encoder.encode(batch).detach().to(dtype=out_dtype).to("cpu")
-        if output.dtype == torch.bfloat16:
-            return output.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return output.contiguous().numpy()
-
-    return encode
+    return EncodePipeline(encoder, dtype, device, output_dtype)
 
 
 def embedding_fingerprint(model_fingerprint: str, compute_dtype: str, embedding_dtype: str) -> str:

@@ -45,6 +45,10 @@ class VisionSettings(BaseSettings):
     device: DeviceName = Field("cpu", description="cpu, cuda, or auto (cuda when available)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch default")
 
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the encoder (reduce-overhead = CUDA graphs); batches are padded to "
+        "1, 2, 4, ... MAX_BATCH_TILES tiles and each shape is compiled before SERVING",
+    )
     batching: bool = Field(True, description="false = one request per forward, no waiting (benchmarks)")
     max_batch_tiles: int = Field(32, ge=1, le=4096, description="tile budget of one encoder forward")
     batch_wait_ms: float = Field(
