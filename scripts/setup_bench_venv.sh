@@ -10,12 +10,12 @@ VENV="${1:-.cache/bench-venv}"
 PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.ivl-bench-installed"
-want="torch==2.14.1 torchvision==0.29.1 $(sha256sum constraints.txt | cut -d' ' -f1)"
+want="torch==2.14.1 torchvision==0.29.1 accelerate $(sha256sum constraints.txt | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   grep -v '^torch==' constraints.txt > "$VENV/constraints-bench.txt"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$VENV/constraints-bench.txt" \
     torch==2.14.1 torchvision==0.29.1 transformers fastapi uvicorn pydantic openai pillow numpy safetensors \
-    tokenizers typer httpx
+    tokenizers typer httpx accelerate
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" - <<'PY'
