@@ -252,7 +252,7 @@ def _finished(previews: list[tuple[int, asyncio.Task[PreviewItem]]]) -> list[Pre
 
 def _streaming(text: str, stats: ReplyStats) -> list[gr.ChatMessage]:
     """The reply so far and its stats note, pending."""
-    note = gr.ChatMessage(content="the reply is streaming", metadata={"title": stats.live_title(), "status": "pending"})
+    note = gr.ChatMessage(content="streaming…", metadata={"title": stats.live_title(), "status": "pending"})
     return [gr.ChatMessage(content=text), note]
 
 

@@ -68,7 +68,7 @@ class Previews:
         if cached is not None:
             return PreviewItem(cached, caption)
         try:
-            png = await self.pool.render(data, plan)
+            png = await self.pool.render(data, plan, key=key, owner=session)
         except (PreviewRefused, PreviewUnavailable) as why:
             return PreviewItem(None, f"{caption} · no picture: {why}")
         return PreviewItem(await asyncio.to_thread(self.store.put, key, png, session), caption)

@@ -46,8 +46,8 @@ class FrontendSettings(BaseSettings):
     preview_max_jpeg_scans: int = Field(default=100, ge=1)
     preview_ttl_s: float = Field(default=3600.0, gt=0)
     # A streamed reply updates the page at most every stream_interval_s (deltas in between are merged):
-    # a fast model otherwise sends hundreds of updates a second to every browser.
-    stream_interval_s: float = Field(default=0.05, ge=0, le=2)
+    # one update per token (~100/s from a fast model) froze the browser tab for tens of seconds.
+    stream_interval_s: float = Field(default=0.1, ge=0, le=2)
     title: str = "InternVL chat"
 
     @field_validator("auth")

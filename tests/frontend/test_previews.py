@@ -90,21 +90,29 @@ async def test_pool_renders_off_the_loop_bounded_and_gives_up_after_its_timeout(
 
     pool = PreviewPool(workers=2, timeout_s=0.5, render=slow_render)
     try:
-        # Two renders hang in their threads; the event loop goes on (it would deadlock otherwise: the
-        # renders only end when this coroutine sets `release`).
-        results = await asyncio.gather(*(pool.render(b"x", PLAN) for _ in range(2)), return_exceptions=True)
+        # Two chats' renders hang in their threads; the event loop goes on (it would deadlock otherwise:
+        # the renders only end when this coroutine sets `release`). The same picture asked for twice
+        # is rendered once.
+        results = await asyncio.gather(
+            pool.render(b"x", PLAN, key="x", owner="chat-1"), pool.render(b"x", PLAN, key="x", owner="chat-2"),
+            pool.render(b"w", PLAN, key="w", owner="chat-2"), return_exceptions=True,
+        )
         assert all(isinstance(r, PreviewUnavailable) and "longer than 0.5 s" in str(r) for r in results)
         assert pool.running == 2 and all(name.startswith("ivl-preview") for name in threads)
-        # The given-up renders still hold their threads: a third waits for a slot, then gives up too.
+        # The given-up renders still hold their threads: another chat waits for a slot, then gives up;
+        # a chat with a render running waits for its own turn first (one tab cannot take both threads).
         with pytest.raises(PreviewUnavailable, match="busy"):
-            await pool.render(b"y", PLAN)
-        assert pool.running == 2 and pool.given_up == 3
+            await pool.render(b"y", PLAN, key="y", owner="chat-3")
+        with pytest.raises(PreviewUnavailable, match="earlier previews are still rendering"):
+            await pool.render(b"v", PLAN, key="v", owner="chat-1")
+        assert pool.running == 2 and pool.given_up == 5
         release.set()
         deadline = time.monotonic() + 10
         while pool.running:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
-        assert await pool.render(b"z", PLAN) == b"png:z"  # slots are back once the threads are done
+        assert await pool.render(b"z", PLAN, owner="chat-1") == b"png:z"  # slots are back once the threads end
+        assert pool._owners == {} and pool._jobs == {}
     finally:
         release.set()
         pool.close()
