@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ivl_stack.restart_policy import RestartHistory, RestartPolicy
 from ivl_stack.settings import StackSettings
 from support.redis_server import free_port
 
@@ -24,7 +25,7 @@ READY_TIMEOUT_S = 240
 
 
 def _ports() -> dict[str, int]:
-    return {name: free_port() for name in ("ui", "http", "grpc", "vision", "llm", "redis")}
+    return {name: free_port() for name in ("ui", "http", "grpc", "vision", "llm", "redis", "metrics")}
 
 
 def _argv(ports: dict[str, int], *extra: str) -> list[str]:
@@ -66,6 +67,10 @@ def test_launcher_starts_everything_serves_a_chat_and_ctrl_c_leaves_no_process(t
                 time.sleep(0.2)
             ready = json.loads(ready_file.read_text())
             pids = ready["pids"]
+            assert ready["metrics"] == f"http://127.0.0.1:{ports['metrics']}/metrics"
+            metrics = httpx.get(ready["metrics"], timeout=10).text
+            assert 'ivl_stack_child_up{service="vision"} 1.0' in metrics
+            assert 'ivl_stack_restarts_total{service="llm"} 0.0' in metrics
             assert set(pids) == {"redis", "vision", "llm", "gateway", "ui"}
             assert all(_alive(pid) for pid in pids.values())
             # The tiny demo checkpoint was written because no MODEL_PATH was given.
@@ -128,3 +133,22 @@ def test_settings_check_ports_and_modes(monkeypatch):
         StackSettings(http_port=9000)
     with pytest.raises(ValueError, match="lmdeploy backend needs a GPU"):
         StackSettings(backend="lmdeploy")
+
+
+def test_restart_policy_backs_off_exponentially_and_gives_up_on_a_crash_loop():
+    history = RestartHistory(RestartPolicy(backoff_s=1, max_backoff_s=5, max_restarts=4, window_s=100))
+    delays = []
+    now = 0.0
+    for _ in range(4):
+        delay = history.delay_after_exit(now)
+        delays.append(delay)
+        now += delay
+        history.restarted(now)
+        now += 1  # dies again a second after each restart
+    assert delays == [1, 2, 4, 5]  # doubling, capped
+    assert history.delay_after_exit(now) is None  # the 4 restarts are within 100 s: given up
+    # A child that stayed up longer than the window starts again from the short backoff.
+    assert history.delay_after_exit(now + 200) == 1 and history.total == 4
+    with pytest.raises(ValueError, match="metrics_port and ui_port are both 9000"):
+        StackSettings(ui_port=9000, metrics_port=9000)
+    assert StackSettings(metrics_port=0).metrics_port == 0  # 0 = no launcher metrics endpoint
