@@ -257,6 +257,16 @@ def test_the_preview_shows_the_tile_budget_that_the_chat_then_reports(ui, browse
     assert used == planned
     assert "cache miss (0/3 images)" in page.inner_text("#ivl-chatbot")
     page.screenshot(path=str(ARTIFACTS / "ui-tile-budget.png"), full_page=True)
+    # Clearing the chat deletes its preview files (no other tab shows these pictures) and the preview.
+    store = ui.handler.previews.store
+    sources = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#ivl-tiles img')).map(i => decodeURIComponent(i.src))"
+    )
+    files = [store.folder / Path(src.split("file=", 1)[-1]).name for src in sources if store.folder.name in src]
+    assert files and all(f.exists() for f in files)
+    page.click("#ivl-chatbot button[aria-label='Clear']")
+    page.wait_for_selector("#ivl-tiles-info:has-text('Attach an image')", timeout=30_000)
+    wait_for(lambda: not any(f.exists() for f in files), 15, "the cleared chat's preview files to be deleted")
 
 
 def test_a_decode_time_bomb_in_one_tab_does_not_freeze_another_tab(stack, browser, tmp_path):
