@@ -116,6 +116,7 @@ def test_a_killed_vision_service_is_restarted_and_chats_work_again(stack):
     def during_outage() -> None:
         started = time.monotonic()
         down = stack.chat("what is this?", new_png())
+        print(f"vision down: an image chat got {down.status_code} after {time.monotonic() - started:.2f} s")
         assert time.monotonic() - started < 30, "a chat during the outage hung"
         assert down.status_code == 503, down.text
         assert down.json()["error"]["code"] == "unavailable" and "vision" in down.json()["error"]["message"]
@@ -137,6 +138,7 @@ def test_a_killed_llm_service_is_restarted_and_chats_work_again(stack):
     def during_outage() -> None:
         started = time.monotonic()
         down = stack.chat("hello?")
+        print(f"llm down: a chat got {down.status_code} after {time.monotonic() - started:.2f} s")
         assert time.monotonic() - started < 30, "a chat during the outage hung"
         assert down.status_code == 503 and "LLM" in down.json()["error"]["message"], down.text
 
