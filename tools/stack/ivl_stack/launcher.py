@@ -122,7 +122,7 @@ class Launcher:
 
     def _serve_metrics(self) -> None:
         if self.settings.metrics_port:
-            host = self.settings.connect_host()
+            host = "127.0.0.1"  # the launcher's metrics stay on loopback, whatever --host says
             self.metrics.serve(host, self.settings.metrics_port)
             self.endpoints["metrics"] = f"http://{host}:{self.settings.metrics_port}/metrics"
 
