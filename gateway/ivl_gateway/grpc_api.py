@@ -14,7 +14,7 @@ from ivl_proto.grpc_runtime import map_errors
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
-from ivl_gateway.conversation import ChatMessage, ChatTurn, resolve_tiling
+from ivl_gateway.conversation import ChatMessage, ChatTurn, budget, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
@@ -132,7 +132,9 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                 f"{self._service.settings.max_images_per_request} images per request"
             )
         defaults, limit = await self._service.default_tiling()
-        tiling = resolve_tiling(request.tiling, defaults, limit)
+        # The images are planned as ONE chat message would use them: they share max_tiles (the same
+        # budget rule as conversation.tiling_per_image), so a preview shows the tiles really used.
+        tiling = budget(resolve_tiling(request.tiling, defaults, limit), len(request.images))
         plans = await self._service.vision.plan([(bytes(i.data), tiling) for i in request.images])
         info = await self._service.vision.info()
         return gateway_pb2.PlanImagesResponse(plans=plans, tokens_per_tile=info.tokens_per_tile)

@@ -3,7 +3,8 @@
 Targets are "host:port" entries or "dns:NAME:PORT" (re-resolved every `dns_refresh_s`, one replica per
 address). A background task checks grpc.health.v1 of every replica; a call that fails with UNAVAILABLE
 marks its replica down for `replica_backoff_s` and moves on to the next one. When every replica is
-down, calls still try them (so the pool recovers on its own as soon as a service is back).
+down, calls still try them (so the pool recovers on its own as soon as a service is back); a replica
+that went away is dialled again at least every max(health_interval_s, replica_backoff_s).
 """
 
 from __future__ import annotations
@@ -26,14 +27,26 @@ from ivl_proto.internal_auth import token_client_interceptors
 log = logging.getLogger(__name__)
 
 
+def channel_options(max_bytes: int, redial_s: float) -> list[tuple[str, int]]:
+    """Message sizes, and a reconnect backoff capped at redial_s: gRPC's own grows to 120 s, so a
+    service that comes back after a long outage would wait up to two minutes to be dialled again."""
+    redial_ms = max(250, int(redial_s * 1000))
+    return [
+        *message_size_options(max_bytes),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, redial_ms)),
+        ("grpc.max_reconnect_backoff_ms", redial_ms),
+    ]
+
+
 class Replica:
     """One downstream address with its channel, stub and health state."""
 
     def __init__(
-        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = ""
+        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = "",
+        redial_s: float = 2.0,
     ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=message_size_options(max_bytes),
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_bytes, redial_s),
                                                  interceptors=token_client_interceptors(token) or None)
         self.stub = stub_factory(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -107,7 +120,10 @@ class ReplicaPool:
             wanted.extend(await _resolve(target))
         for address in wanted:
             if address not in self._replicas:
-                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes, self._token)
+                self._replicas[address] = Replica(
+                    address, self._stub_factory, self._max_bytes, self._token,
+                    max(self._health_interval_s, self._backoff_s),
+                )
         for address in [a for a in self._replicas if a not in wanted]:
             if any(t.startswith("dns:") for t in self._targets):
                 await self._replicas.pop(address).close()
