@@ -1,5 +1,5 @@
 """The UI's event loop (it serves every open tab) while a tab attaches a decode-time bomb: a progressive
-JPEG whose scans repeat thousands of times (tests/support/jpeg_scan_bomb.py). Side by side in one run:
+JPEG whose scans repeat thousands of times (tests/support/hostile_images.py progressive_jpeg_bomb). Side by side in one run:
 
 - inline: the preview decoded and drawn on the event loop, as the UI did before (tile_preview.preview);
 - pool: ivl_frontend.previews.Previews with the JPEG scan check off (the bomb really is decoded, in a
@@ -39,7 +39,7 @@ from ivl_frontend.settings import FrontendSettings  # noqa: E402
 from ivl_frontend.tile_preview import draw_grid  # noqa: E402
 from ivl_proto.common.v1 import common_pb2  # noqa: E402
 from PIL import Image  # noqa: E402
-from support.jpeg_scan_bomb import progressive_scan_bomb  # noqa: E402
+from support.hostile_images import progressive_jpeg_bomb  # noqa: E402
 
 PLAN = common_pb2.ImagePlan(grid_cols=3, grid_rows=3, num_tiles=10, has_thumbnail=True)
 
@@ -80,7 +80,7 @@ async def main() -> None:
     load_start = load_average()
     with tempfile.TemporaryDirectory() as folder:
         bomb = Path(folder) / "bomb.jpg"
-        bomb.write_bytes(progressive_scan_bomb(2048, args.repeats))
+        bomb.write_bytes(progressive_jpeg_bomb(2048, 2048, args.repeats))
         rows = []
         stall, took = await worst_stall(lambda: inline(bomb))
         rows.append(["inline (before)", f"{stall:.2f}", f"{took:.2f}", "picture (after the whole decode)"])
@@ -114,7 +114,7 @@ async def main() -> None:
 
 
 def bomb_size(repeats: int) -> int:
-    return len(progressive_scan_bomb(2048, repeats)) // 1000
+    return len(progressive_jpeg_bomb(2048, 2048, repeats)) // 1000
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ class ChatHandler:
         self.refused = RefusedImages()
 
     async def banner(self) -> str:
-        """Markdown shown on top of the page: the model, and the demo warning for the tiny model."""
+        """Markdown shown on top of the page: the model, and the demo warning for the tiny model. (The first page
+        load also starts the sandboxed preview workers in the serving loop, so no preview waits for them.)"""
+        self.previews.warm()
         try:
             info = await self.client.info()
         except ServingError as error:

@@ -1,13 +1,13 @@
-"""PreviewPool: tile-preview rendering off the UI's event loop, bounded in concurrency and in time.
+"""PreviewPool: tile-preview rendering off the UI's event loop, bounded in concurrency, time and memory.
 
-Every render runs `render_preview` (preview_render.py) in one of `workers` threads (Pillow releases
-the GIL while it decodes). A render that does not finish within `timeout_s` (waiting for a thread
-included) is given up: the caller shows the caption without a picture. A thread cannot be killed, so
-a given-up render keeps its slot until it really ends: however many hostile images arrive, at most
-`workers` renders use the CPU, and the event loop never waits on one. Two requests for the same
-picture (same key) share one render, and one owner (a chat session) has at most `per_owner` renders
-running (its others wait their turn), so one tab cannot take every thread from the others.
-(A sandboxed process pool with CPU/memory limits can take this class's place: same contract.)
+Every render runs `render_preview` (preview_render.py) in one of `workers` sandboxed worker processes
+(ivl_frontend.preview_worker under ivl_proto.worker_pool: an address-space limit per worker, the render's
+CPU time capped by the kernel), so a hostile picture can neither block the event loop nor keep a CPU
+busy. A render that does not finish within `timeout_s` (waiting for a worker included) is given up and
+its worker killed at once: the caller shows the caption without a picture. Two requests for the same
+picture (same key) share one render (and its deadline), and one owner (a chat session) has at most
+`per_owner` renders running (its others wait their turn), so one tab cannot take every worker from the
+others. Tests may pass their own async `render`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,78 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from google.protobuf.json_format import MessageToDict
 from ivl_proto.common.v1 import common_pb2
+from ivl_proto.errors import ServingError
+from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
-from ivl_frontend.preview_render import PreviewRefused, render_preview
+from ivl_frontend.preview_render import DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS, PreviewRefused
+from ivl_frontend.tile_preview import PREVIEW_MAX_SIDE
 
 log = logging.getLogger(__name__)
 
-Renderer = Callable[[bytes, common_pb2.ImagePlan], bytes]
+Renderer = Callable[[bytes, common_pb2.ImagePlan], Awaitable[bytes]]
 
 
 class PreviewUnavailable(RuntimeError):
     """No picture in time (busy or slow); the message says which."""
+
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    max_side: int = PREVIEW_MAX_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    memory_bytes: int = 512 << 20  # address space of a preview worker beyond its imports
+
+
+class PreviewSandbox:
+    """render_preview in sandboxed worker processes, started on first use in the serving event loop."""
+
+    def __init__(self, workers: int, timeout_s: float, limits: RenderLimits) -> None:
+        self.timeout_s = timeout_s
+        self.limits = limits
+        self.pool = WorkerPool(
+            WorkerPoolConfig(module="ivl_frontend.preview_worker", size=workers, memory_bytes=limits.memory_bytes,
+                             recycle_rss_bytes=256 << 20),
+            name="preview",
+        )
+        self._starting: asyncio.Task[None] | None = None
+
+    def start_soon(self) -> None:
+        """Begin starting the workers (once, in the running event loop: the serving one)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self.pool.start())
+
+    async def started(self) -> None:
+        """Wait until the workers have started; later calls return at once."""
+        self.start_soon()
+        assert self._starting is not None
+        await asyncio.shield(self._starting)
+
+    async def render(self, data: bytes, plan: common_pb2.ImagePlan) -> bytes:
+        await self.started()
+        task = {"plan": MessageToDict(plan, preserving_proto_field_name=True), "max_side": self.limits.max_side,
+                "max_pixels": self.limits.max_pixels, "max_jpeg_scans": self.limits.max_jpeg_scans}
+        try:
+            _, png = await self.pool.run(
+                "render", task, data, cpu_s=self.timeout_s, wall_s=self.timeout_s + 1.0,
+                memory_message="the picture needs more memory than a preview may use",
+            )
+        except ServingError as error:
+            raise PreviewRefused(error.message) from None
+        except WorkerStopped as stopped:
+            if stopped.reason in ("cpu", "wall"):
+                raise PreviewUnavailable(f"rendering took longer than {self.timeout_s:g} s") from None
+            raise PreviewRefused(f"could not be decoded for the preview ({stopped.detail})") from None
+        return bytes(png or b"")
+
+    def terminate(self) -> None:
+        self.pool.terminate()
 
 
 class _OwnerSlots:
@@ -39,13 +97,14 @@ class _OwnerSlots:
 
 class PreviewPool:
     def __init__(
-        self, workers: int, timeout_s: float, render: Renderer | None = None, per_owner: int | None = None
+        self, workers: int, timeout_s: float, render: Renderer | None = None, per_owner: int | None = None,
+        limits: RenderLimits | None = None,
     ) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
         self.per_owner = per_owner if per_owner is not None else max(1, workers // 2)
-        self._render: Renderer = render or render_preview
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ivl-preview")
+        self.sandbox = None if render is not None else PreviewSandbox(workers, timeout_s, limits or RenderLimits())
+        self._render: Renderer = render or self.sandbox.render  # type: ignore[union-attr]
         self._slots = asyncio.Semaphore(workers)
         self._jobs: dict[str, asyncio.Future[bytes]] = {}  # key -> the render running for it
         self._owners: dict[str, _OwnerSlots] = {}  # owner -> its slots (while it has renders)
@@ -53,14 +112,24 @@ class PreviewPool:
         self.given_up = 0
 
     async def render(self, data: bytes, plan: common_pb2.ImagePlan, key: str = "", owner: str = "") -> bytes:
-        """PNG bytes; raises PreviewRefused (the image) or PreviewUnavailable (no picture in time)."""
+        """PNG bytes; raises PreviewRefused (the image) or PreviewUnavailable (no picture in time). The first
+        call starts the sandboxed workers, which does not count against its deadline."""
+        if self.sandbox is not None:
+            await self.sandbox.started()
         deadline = time.monotonic() + self.timeout_s
         job = self._jobs.get(key) if key else None
         if job is None:
             job = await self._start(data, plan, key, owner, deadline)
         try:
             return await asyncio.wait_for(asyncio.shield(job), max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if job.cancelled() and current is not None and not current.cancelling():
+                # another caller of this shared render gave up on it (its deadline came first)
+                raise PreviewUnavailable(f"rendering took longer than {self.timeout_s:g} s") from None
+            raise
         except TimeoutError:
+            job.cancel()  # the render's worker is killed: its slot is free again at once
             self.given_up += 1
             log.warning("a tile preview took longer than %.1f s; shown without its picture", self.timeout_s)
             raise PreviewUnavailable(f"rendering took longer than {self.timeout_s:g} s") from None
@@ -92,7 +161,7 @@ class PreviewPool:
             self._forget_owner(owner)
             return running
         self.running += 1
-        job = asyncio.get_running_loop().run_in_executor(self._executor, self._render, data, plan)
+        job = asyncio.ensure_future(self._render(data, plan))
         if key:
             self._jobs[key] = job
         # Released when the thread is really done, not when its callers stop waiting.
@@ -118,7 +187,9 @@ class PreviewPool:
             del self._owners[owner]
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """At shutdown (the serving loop may be gone): kill the preview workers."""
+        if self.sandbox is not None:
+            self.sandbox.terminate()
 
 
 __all__ = ["PreviewPool", "PreviewRefused", "PreviewUnavailable"]

@@ -1,6 +1,6 @@
 """Previews: the tile-grid pictures next to the chat, made without blocking the UI's event loop.
 
-Reading and hashing the file run in a thread, rendering in the bounded PreviewPool, the PNG files
+Reading and hashing the file run in a thread, rendering in the PreviewPool's sandboxed workers, the PNG files
 are kept by the PreviewStore. An image that gets no picture (refused by render_preview, or no
 picture in time) still gets its caption, with the reason.
 """
@@ -8,7 +8,6 @@ picture in time) still gets its caption, with the reason.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 from gradio.utils import get_upload_folder
 from ivl_proto.common.v1 import common_pb2
 
-from ivl_frontend.preview_pool import PreviewPool, PreviewRefused, PreviewUnavailable
-from ivl_frontend.preview_render import render_preview
+from ivl_frontend.preview_pool import PreviewPool, PreviewRefused, PreviewUnavailable, RenderLimits
 from ivl_frontend.preview_store import PreviewStore
 from ivl_frontend.settings import FrontendSettings
 from ivl_frontend.tile_preview import PREVIEW_MAX_SIDE
@@ -50,13 +48,11 @@ def _read_and_key(path: str, plan: common_pb2.ImagePlan) -> tuple[bytes, str]:
 
 class Previews:
     def __init__(self, settings: FrontendSettings, root: Path | None = None) -> None:
-        render = functools.partial(
-            render_preview,
-            max_side=PREVIEW_MAX_SIDE,
-            max_pixels=settings.preview_max_pixels,
-            max_jpeg_scans=settings.preview_max_jpeg_scans,
+        limits = RenderLimits(
+            max_side=PREVIEW_MAX_SIDE, max_pixels=settings.preview_max_pixels,
+            max_jpeg_scans=settings.preview_max_jpeg_scans, memory_bytes=settings.preview_memory_mb << 20,
         )
-        self.pool = PreviewPool(settings.preview_workers, settings.preview_timeout_s, render)
+        self.pool = PreviewPool(settings.preview_workers, settings.preview_timeout_s, limits=limits)
         self.store = PreviewStore(root or Path(get_upload_folder()), settings.preview_ttl_s)
 
     async def item(self, path: str, plan: common_pb2.ImagePlan, caption: str, session: str) -> PreviewItem:
@@ -72,6 +68,11 @@ class Previews:
         except (PreviewRefused, PreviewUnavailable) as why:
             return PreviewItem(None, f"{caption} · no picture: {why}")
         return PreviewItem(await asyncio.to_thread(self.store.put, key, png, session), caption)
+
+    def warm(self) -> None:
+        """Start the preview workers in the background (the running loop is Gradio's)."""
+        if self.pool.sandbox is not None:
+            self.pool.sandbox.start_soon()
 
     def release(self, session: str) -> int:
         return self.store.release(session)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import threading
 import time
 
 import numpy as np
@@ -15,14 +14,13 @@ import pytest
 from ivl_frontend.chat_handler import refused_path
 from ivl_frontend.conversation import RefusedFile, history_turns
 from ivl_frontend.history_cleanup import RefusedImages, settle, settle_in_place
-from ivl_frontend.preview_pool import PreviewPool, PreviewUnavailable
+from ivl_frontend.preview_pool import PreviewPool, PreviewUnavailable, RenderLimits
 from ivl_frontend.preview_render import PreviewRefused, count_jpeg_scans, render_preview
 from ivl_frontend.preview_store import PreviewStore
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from PIL import Image
-from support.hostile_images import png_bomb
-from support.jpeg_scan_bomb import plain_progressive_jpeg, progressive_scan_bomb
+from support.hostile_images import png_bomb, progressive_jpeg_bomb
 
 PLAN = common_pb2.ImagePlan(grid_cols=2, grid_rows=1, num_tiles=3, has_thumbnail=True)
 
@@ -56,7 +54,7 @@ def test_render_preview_refuses_from_the_header_before_decoding():
         render_preview(b"this is not an image", PLAN)
     with pytest.raises(PreviewRefused, match="could not be decoded"):
         render_preview(_encode(Image.new("RGB", (300, 200)), "PNG")[:200], PLAN)  # truncated
-    bomb = progressive_scan_bomb(2048, 4000)
+    bomb = progressive_jpeg_bomb(2048, 2048, 4000)
     assert len(bomb) < 200_000 and count_jpeg_scans(bomb) > 4000
     with pytest.raises(PreviewRefused, match="4010 scans"):
         render_preview(bomb, PLAN)
@@ -71,50 +69,79 @@ def test_the_scan_bomb_really_is_slow_to_decode():
         Image.open(io.BytesIO(data)).load()
         return time.perf_counter() - started
 
-    plain, bomb = plain_progressive_jpeg(2048), progressive_scan_bomb(2048, 300)
+    plain, bomb = progressive_jpeg_bomb(2048, 2048, 0), progressive_jpeg_bomb(2048, 2048, 300)
     assert count_jpeg_scans(plain) == 10 and len(bomb) < 2 * len(plain)
     plain_s, bomb_s = min(decode_s(plain) for _ in range(3)), decode_s(bomb)
     assert bomb_s > 5 * plain_s, (plain_s, bomb_s)
 
 
-async def test_pool_renders_off_the_loop_bounded_and_gives_up_after_its_timeout():
-    release = threading.Event()
-    started = threading.Semaphore(0)
-    threads: set[str] = set()
+async def test_pool_bounds_renders_per_chat_shares_them_and_gives_up_after_its_timeout():
+    release = asyncio.Event()
+    calls: list[bytes] = []
 
-    def slow_render(data: bytes, plan: common_pb2.ImagePlan) -> bytes:
-        threads.add(threading.current_thread().name)
-        started.release()
-        release.wait(30)
+    async def slow_render(data: bytes, plan: common_pb2.ImagePlan) -> bytes:
+        calls.append(data)
+        await release.wait()
         return b"png:" + data
 
     pool = PreviewPool(workers=2, timeout_s=0.5, render=slow_render)
+    # Two chats' renders hang; the same picture asked for twice is rendered once, and a render given up at
+    # its timeout is cancelled (in the sandbox: its worker killed), so its slot is free again at once.
+    results = await asyncio.gather(
+        pool.render(b"x", PLAN, key="x", owner="chat-1"), pool.render(b"x", PLAN, key="x", owner="chat-2"),
+        pool.render(b"w", PLAN, key="w", owner="chat-2"), return_exceptions=True,
+    )
+    assert all(isinstance(r, PreviewUnavailable) and "longer than 0.5 s" in str(r) for r in results), results
+    assert calls == [b"x", b"w"]
+    await asyncio.sleep(0)
+    assert pool.running == 0 and pool._owners == {} and pool._jobs == {}
+    assert pool.given_up == 3
+    # One chat has at most half the slots: its second render waits for its first; another chat's goes at once.
+    release.clear()
+    pool = PreviewPool(workers=2, timeout_s=5.0, render=slow_render)
+    first = asyncio.ensure_future(pool.render(b"a", PLAN, key="a", owner="chat-1"))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(pool.render(b"b", PLAN, key="b", owner="chat-1"))
+    other = asyncio.ensure_future(pool.render(b"z", PLAN, key="z", owner="chat-3"))
+    await asyncio.sleep(0.3)
+    assert calls[-2:] == [b"a", b"z"] and not second.done()
+    release.set()
+    assert await asyncio.gather(first, second, other) == [b"png:a", b"png:b", b"png:z"]
+    assert calls[-1] == b"b" and pool.running == 0 and pool._owners == {}
+
+
+async def test_sandboxed_render_of_a_decode_bomb_is_killed_at_its_timeout():
+    """A bomb under the scan limit really decodes for tens of seconds: the worker is killed at the timeout,
+    the event loop never waits, and the next preview is rendered by a fresh worker."""
+    bomb = progressive_jpeg_bomb(4000, 4000, 80)
+    pool = PreviewPool(workers=1, timeout_s=1.0, limits=RenderLimits(max_jpeg_scans=1000))
     try:
-        # Two chats' renders hang in their threads; the event loop goes on (it would deadlock otherwise:
-        # the renders only end when this coroutine sets `release`). The same picture asked for twice
-        # is rendered once.
-        results = await asyncio.gather(
-            pool.render(b"x", PLAN, key="x", owner="chat-1"), pool.render(b"x", PLAN, key="x", owner="chat-2"),
-            pool.render(b"w", PLAN, key="w", owner="chat-2"), return_exceptions=True,
-        )
-        assert all(isinstance(r, PreviewUnavailable) and "longer than 0.5 s" in str(r) for r in results)
-        assert pool.running == 2 and all(name.startswith("ivl-preview") for name in threads)
-        # The given-up renders still hold their threads: another chat waits for a slot, then gives up;
-        # a chat with a render running waits for its own turn first (one tab cannot take both threads).
-        with pytest.raises(PreviewUnavailable, match="busy"):
-            await pool.render(b"y", PLAN, key="y", owner="chat-3")
-        with pytest.raises(PreviewUnavailable, match="earlier previews are still rendering"):
-            await pool.render(b"v", PLAN, key="v", owner="chat-1")
-        assert pool.running == 2 and pool.given_up == 5
-        release.set()
-        deadline = time.monotonic() + 10
-        while pool.running:
-            assert time.monotonic() < deadline
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.monotonic()
+        with pytest.raises(PreviewUnavailable, match="longer than 1 s"):
+            await pool.render(bomb, PLAN, key="bomb", owner="chat-1")
+        waited = time.monotonic() - started
+        ticker.cancel()
+        assert waited < 15 and ticks >= 5  # the loop kept running while the bomb decoded elsewhere
+        sandbox = pool.sandbox
+        assert sandbox is not None
+        stats = sandbox.pool.stats
+        for _ in range(100):  # the cancelled render kills its worker as soon as it runs again
+            if stats.cancel_kills + stats.cpu_kills + stats.wall_kills:
+                break
             await asyncio.sleep(0.02)
-        assert await pool.render(b"z", PLAN, owner="chat-1") == b"png:z"  # slots are back once the threads end
-        assert pool._owners == {} and pool._jobs == {}
+        assert stats.cancel_kills + stats.cpu_kills + stats.wall_kills == 1
+        png = await pool.render(_encode(Image.new("RGB", (64, 48)), "PNG"), PLAN, key="ok", owner="chat-1")
+        assert png.startswith(b"\x89PNG")
     finally:
-        release.set()
         pool.close()
 
 
