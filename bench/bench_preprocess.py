@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,31 +155,51 @@ def methods(data: bytes, max_tiles: int) -> dict[str, Callable[[], object]]:
     }
 
 
-async def _thread_pool_rate(executor: ThreadPoolExecutor, data: bytes, config: TilingConfig, count: int) -> float:
-    """Before the sandbox: decode + tile in-process on a thread pool (what the service did)."""
+def _process_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of this process (all threads) plus the given child processes (from /proc)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def _thread_pool_rate(
+    executor: ThreadPoolExecutor, data: bytes, config: TilingConfig, count: int
+) -> tuple[float, float]:
+    """Before the sandbox: decode + tile in-process on a thread pool (what the service did).
+    (images/s, CPU seconds per image)."""
     loop = asyncio.get_running_loop()
-    started = time.perf_counter()
+    cpu, started = _process_cpu_s([]), time.perf_counter()
     await asyncio.gather(*(loop.run_in_executor(executor, preprocess_trusted, data, config, ImageLimits())
                            for _ in range(count)))
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), (_process_cpu_s([]) - cpu) / count
 
 
-async def _sandbox_rate(preprocessor: Preprocessor, data: bytes, config: TilingConfig, count: int) -> float:
-    """The service now: a header probe and a decode + tile per image, in the sandboxed workers."""
+async def _sandbox_rate(
+    preprocessor: Preprocessor, data: bytes, config: TilingConfig, count: int
+) -> tuple[float, float]:
+    """The service now: a header probe and a decode + tile per image, in the sandboxed workers.
+    (images/s, CPU seconds per image: the workers' and this process's)."""
 
     async def one() -> object:
         return await preprocessor.tile(data, config, await preprocessor.probe(data))
 
-    started = time.perf_counter()
+    pids = preprocessor.pool.pids
+    cpu, started = _process_cpu_s(pids), time.perf_counter()
     await asyncio.gather(*(one() for _ in range(count)))
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), (_process_cpu_s(pids) - cpu) / count
 
 
-def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int) -> dict[tuple[str, int], float]:
-    """{(kind, workers): median images/s} for the thread pool and the sandbox at 1 and 2 workers, interleaved."""
+def pool_throughput(
+    data: bytes, config: TilingConfig, count: int, rounds: int
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """{(kind, workers): (median images/s, median CPU s per image)} for the thread pool and the sandbox at 1
+    and 2 workers, interleaved."""
 
-    async def run() -> dict[tuple[str, int], float]:
-        rates: dict[tuple[str, int], list[float]] = {}
+    async def run() -> dict[tuple[str, int], tuple[float, float]]:
+        rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
         pools = {workers: ThreadPoolExecutor(max_workers=workers) for workers in (1, 2)}
         sandboxes = {workers: Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=workers)) for workers in (1, 2)}
         for sandbox in sandboxes.values():
@@ -199,7 +222,8 @@ def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int) 
                 await sandbox.close()
             for pool in pools.values():
                 pool.shutdown()
-        return {key: statistics.median(values) for key, values in rates.items()}
+        return {key: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
+                for key, values in rates.items()}
 
     return asyncio.run(run())
 
@@ -286,11 +310,16 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
             "",
             *markdown_table(
                 ["image", "threads, 1", "sandbox, 1", "sandbox / threads (1)", "threads, 2", "sandbox, 2",
-                 "sandbox / threads (2)", "sandbox 2 / 1"],
-                ((name, f"{r['threads', 1]:.2f}", f"{r['sandbox', 1]:.2f}", f"{r['sandbox', 1] / r['threads', 1]:.2f}",
-                  f"{r['threads', 2]:.2f}", f"{r['sandbox', 2]:.2f}", f"{r['sandbox', 2] / r['threads', 2]:.2f}",
-                  f"{r['sandbox', 2] / r['sandbox', 1]:.2f}") for name, r in pool_rows),
+                 "sandbox / threads (2)", "sandbox 2 / 1", "CPU ms/image threads", "CPU ms/image sandbox"],
+                ((name, f"{r['threads', 1][0]:.2f}", f"{r['sandbox', 1][0]:.2f}",
+                  f"{r['sandbox', 1][0] / r['threads', 1][0]:.2f}", f"{r['threads', 2][0]:.2f}",
+                  f"{r['sandbox', 2][0]:.2f}", f"{r['sandbox', 2][0] / r['threads', 2][0]:.2f}",
+                  f"{r['sandbox', 2][0] / r['sandbox', 1][0]:.2f}", f"{1000 * r['threads', 1][1]:.0f}",
+                  f"{1000 * r['sandbox', 1][1]:.0f}") for name, r in pool_rows),
             ),
+            "",
+            "CPU ms/image (1 worker): every CPU second this process and the decode workers spent, per image "
+            "(robust to other load; 10 ms resolution for the workers).",
         ]
     return "\n".join(lines) + "\n"
 
