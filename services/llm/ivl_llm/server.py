@@ -19,6 +19,7 @@ from ivl_proto.grpc_runtime import (
 )
 from ivl_proto.internal_auth import token_server_interceptors
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
+from ivl_proto.metrics_runtime import MetricsServer
 
 from ivl_llm.service import LLMService
 from ivl_llm.servicer import LanguageModelServicer
@@ -36,7 +37,9 @@ class LLMServer:
     host: str
     health: health.aio.HealthServicer
     service: LLMService
+    settings: LLMSettings
     loading: asyncio.Task[None] | None = None
+    metrics_server: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -47,6 +50,10 @@ class LLMServer:
         """Start answering at once (health NOT_SERVING) and load + warm the model; health turns SERVING
         when that is done. wait=True returns then; wait=False returns at once (see wait_ready)."""
         await self.server.start()
+        if self.settings.metrics_port and self.metrics_server is None:
+            self.metrics_server = MetricsServer.start(
+                self.service.metrics.exposed, self.settings.metrics_host or self.host, self.settings.metrics_port)
+            log.info("LLM metrics on port %d", self.metrics_server.port)
         await set_serving(self.health, [SERVICE_NAME], False)
         self.loading = asyncio.create_task(self._load())
         if wait:
@@ -67,6 +74,9 @@ class LLMServer:
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()
         await graceful_stop(self.server, self.health, grace_s, on_stopped=self.service.close)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
 
 def build_server(settings: LLMSettings, service: LLMService | None = None) -> LLMServer:
@@ -77,7 +87,7 @@ def build_server(settings: LLMSettings, service: LLMService | None = None) -> LL
     llm_pb2_grpc.add_LanguageModelServicer_to_server(LanguageModelServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.port)
-    return LLMServer(server, port, settings.host, health_servicer, service)
+    return LLMServer(server, port, settings.host, health_servicer, service, settings)
 
 
 async def serve(settings: LLMSettings) -> None:
