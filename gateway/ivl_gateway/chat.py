@@ -101,6 +101,9 @@ class ChatService:
     async def _chat(self, turn: ChatTurn, start: float) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
         images = collect_images(turn, self.limits)
         llm_info = await self.llm.info()
+        self.metrics.model_name = self.settings.model_name or llm_info.model_id
+        if turn.user:
+            log.info("chat turn %s for user %r", turn.request_id, turn.user)
         embeddings: list[common_pb2.Tensor] = []
         hits = 0
         vision_s = 0.0
@@ -140,23 +143,26 @@ class ChatService:
             request_id=turn.request_id,
         )
         first_token_at: float | None = None
+        last_token_at = 0.0
         async for response in self.llm.generate(request):
             if response.HasField("delta"):
+                delta = response.delta
+                now = time.perf_counter()
                 if first_token_at is None:
-                    first_token_at = time.perf_counter()
+                    first_token_at = now
                     self.metrics.ttft.observe(first_token_at - start)
-                if response.delta.text:
-                    yield gateway_pb2.ChatResponse(delta=response.delta.text)
+                elif delta.tokens:
+                    self.metrics.observe_inter_token(now - last_token_at, delta.tokens)
+                last_token_at = now
+                if delta.text or delta.logprobs:
+                    yield gateway_pb2.ChatResponse(delta=delta.text, choice_index=delta.index, logprobs=delta.logprobs)
             elif response.HasField("final"):
                 usage = common_pb2.Usage()
                 usage.CopyFrom(response.final.usage)
                 now = time.perf_counter()
                 usage.total_s = now - start
                 usage.time_to_first_token_s = (first_token_at or now) - start
-                self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-                self.metrics.completion_tokens.inc(usage.completion_tokens)
-                if usage.decode_tokens_per_s > 0:
-                    self.metrics.tokens_per_s.observe(usage.decode_tokens_per_s)
+                self.metrics.observe_usage(usage)
                 yield gateway_pb2.ChatResponse(
                     final=gateway_pb2.Final(
                         finish_reason=response.final.finish_reason,
@@ -164,6 +170,7 @@ class ChatService:
                         images=len(images),
                         cache_hits=hits,
                         vision_s=vision_s,
+                        choice_finish_reasons=response.final.choice_finish_reasons,
                     )
                 )
                 return

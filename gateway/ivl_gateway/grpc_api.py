@@ -14,7 +14,7 @@ from ivl_proto.grpc_runtime import map_errors
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
-from ivl_gateway.conversation import ChatMessage, ChatTurn, resolve_tiling
+from ivl_gateway.conversation import ChatMessage, ChatTurn, ImagePart, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
@@ -71,13 +71,14 @@ def add_chat_servicer(servicer: ChatServicer, server: grpc.aio.Server) -> None:
 def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
     messages: list[ChatMessage] = []
     for message in request.messages:
-        parts: list[str | bytes] = []
+        parts: list[str | bytes | ImagePart] = []
         for part in message.content:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append(part.text)
             elif kind == "image":
-                parts.append(bytes(part.image.data))
+                own = part.image.tiling if part.image.HasField("tiling") else None
+                parts.append(ImagePart(bytes(part.image.data), own))
         messages.append(ChatMessage(role=message.role, parts=parts))
     return ChatTurn(messages=messages, sampling=request.sampling, tiling=request.tiling, request_id=request.request_id)
 

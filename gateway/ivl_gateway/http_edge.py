@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.edge_state import EdgeState
 from ivl_gateway.http_guard import EDGE_STATUS_KEY
-from ivl_gateway.openai_schema import error_body
+from ivl_gateway.openai_response import error_body
 from ivl_gateway.rate_limit import RateLimited, client_identity
 from ivl_gateway.request_budget import BudgetFull
 

@@ -69,7 +69,7 @@ def test_openai_client_streaming(stack):
 
 def test_models_health_ready_metrics(stack):
     client = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused")
-    assert len(client.models.list().data) == 1
+    assert [m.id for m in client.models.list().data] == ["ckpt", "ivl"]  # the served name, then the alias
     assert httpx.get(stack.http_url + "/health").json() == {"status": "ok"}
     ready = httpx.get(stack.http_url + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json()["compatible"] is True and ready.json()["redis"] == "ok"
