@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ivl_gateway.conversation import TurnLimits, collect_images, llm_messages, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
-from ivl_gateway.openai_turn import turn_from_request
 from ivl_gateway.image_fetch import ImageFetcher
 from ivl_gateway.openai_request import parse_request
+from ivl_gateway.openai_turn import turn_from_request
 from ivl_gateway.settings import GatewaySettings
 from ivl_proto.errors import ServingError
 from ivl_proto.llm.v1 import llm_pb2
