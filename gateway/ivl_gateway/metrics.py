@@ -98,6 +98,9 @@ class GatewayMetrics:
             "gateway_edge_refusals", "Requests refused at the edge before any work, by API and reason "
             "(rate_limited, budget_full, unauthenticated)", ["api", "reason"], registry=r,
         )
+        for api in ("http", "grpc"):  # every series exists from the start (0), so dashboards and alerts see it
+            for reason in ("rate_limited", "budget_full", "unauthenticated", "unsupported_media_type", "too_large"):
+                self.edge_refusals.labels(api=api, reason=reason)
         self.cache_pool_waits = Counter(
             "vision_cache_pool_waits", "Redis calls that had to wait for a free pooled connection", registry=r
         )

@@ -27,6 +27,7 @@ from ivl_proto.grpc_runtime import (
     wait_for_stop_signal,
 )
 from ivl_proto.internal_auth import token_server_interceptors
+from ivl_proto.metrics_runtime import MetricsServer
 from ivl_proto.vision.v1 import vision_pb2_grpc
 
 from ivl_vision.batching import TileBatcher
@@ -78,6 +79,7 @@ class VisionServer:
         self.service: VisionService | None = None
         self.port: int | None = None
         self._stopped = False
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -90,6 +92,10 @@ class VisionServer:
         await set_serving(self._health, [SERVICE_NAME], False)
         self.port = bind(self._server, self.settings.host, self.settings.port)
         await self._server.start()
+        if self.settings.metrics_port and self.metrics_server is None:
+            self.metrics_server = MetricsServer.start(
+                self._servicer.metrics.exposed, self.settings.metrics_host or self.settings.host, self.settings.metrics_port)
+            log.info("vision metrics on port %d", self.metrics_server.port)
         log.info("vision encoder listening on %s (loading %s)", self.address, self.settings.model_path)
         self._loading = asyncio.get_running_loop().create_task(self._load_and_warm(), name="ivl-vision-load")
         return self.port
@@ -121,7 +127,7 @@ class VisionServer:
             raise
         batcher = TileBatcher(
             encode_fn, settings.max_batch_tiles, settings.batch_wait_ms, settings.max_queued_tiles,
-            batching=settings.batching,
+            batching=settings.batching, on_forward=self._servicer.metrics.forward,
         )
         batcher.start()
         service = VisionService(settings, encoder, preprocessor, batcher)
@@ -142,6 +148,9 @@ class VisionServer:
         self._stopped = True
         grace = self.settings.grace_s if grace_s is None else grace_s
         await graceful_stop(self._server, self._health, grace, on_stopped=self._release)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
     async def _release(self) -> None:
         if self._loading is not None and not self._loading.done():
