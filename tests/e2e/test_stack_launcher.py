@@ -24,7 +24,7 @@ READY_TIMEOUT_S = 240
 
 
 def _ports() -> dict[str, int]:
-    return {name: free_port() for name in ("ui", "http", "grpc", "vision", "llm", "redis")}
+    return {name: free_port() for name in ("ui", "http", "grpc", "vision", "llm", "redis", "vision-metrics", "llm-metrics")}
 
 
 def _argv(ports: dict[str, int], *extra: str) -> list[str]:
@@ -75,9 +75,13 @@ def test_launcher_starts_everything_serves_a_chat_and_ctrl_c_leaves_no_process(t
             assert httpx.get(ready["ui"] + "/", timeout=10).status_code == 200
             reply = httpx.post(
                 f"http://127.0.0.1:{ports['http']}/v1/chat/completions",
-                json={"model": "any", "max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]},
+                json={"max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]},
                 timeout=60,
             )
+            # The model services' own metrics ports (the launcher turns them on).
+            vision_metrics = httpx.get(f"http://127.0.0.1:{ports['vision-metrics']}/metrics", timeout=10).text
+            llm_metrics = httpx.get(f"http://127.0.0.1:{ports['llm-metrics']}/metrics", timeout=10).text
+            assert "vision_queued_tiles{" in vision_metrics and "llm_requests_waiting{" in llm_metrics
             assert reply.status_code == 200, reply.text
             assert reply.json()["usage"]["completion_tokens"] >= 1
             # Redis runs with the cache's memory cap and LRU policy.

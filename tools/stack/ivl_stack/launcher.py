@@ -61,7 +61,7 @@ class Launcher:
         host = self.settings.connect_host()
         for name in PORT_FIELDS:
             port = getattr(self.settings, name)
-            if port_in_use(host, port):
+            if port and port_in_use(host, port):
                 flag = "--" + name.replace("_", "-")
                 raise OSError(
                     f"port {port} ({name}) is already in use on {host}; stop what holds it or pass {flag} "
