@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from google.protobuf.message import DecodeError
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.request_context import REQUEST_ID, REQUEST_ID_METADATA_KEY
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
@@ -111,7 +113,12 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
         _require_decoded(request)
         self._authorize(context)
         self._check_size(request)
-        stream = self._service.chat(turn_from_pb(request), api="grpc")
+        turn = turn_from_pb(request)
+        offered = {k.lower(): v for k, v in (context.invocation_metadata() or ())}.get(REQUEST_ID_METADATA_KEY)
+        turn.request_id = turn.request_id or (offered if isinstance(offered, str) and offered else "") or \
+            f"chat-{uuid.uuid4().hex[:24]}"
+        REQUEST_ID.set(turn.request_id)  # this call's task: its log lines and downstream metadata carry it
+        stream = self._service.chat(turn, api="grpc")
         try:
             async for event in stream:
                 yield event

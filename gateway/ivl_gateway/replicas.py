@@ -14,7 +14,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -30,11 +30,12 @@ class Replica:
     """One downstream address with its channel, stub and health state."""
 
     def __init__(
-        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = ""
+        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=message_size_options(max_bytes),
-                                                 interceptors=token_client_interceptors(token) or None)
+                                                 interceptors=[*token_client_interceptors(token), *interceptors] or None)
         self.stub = stub_factory(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = True
@@ -78,6 +79,7 @@ class ReplicaPool:
         max_message_bytes: int,
         on_change: Callable[[Replica], Any] | None = None,
         token: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.service = service
         self._targets = targets
@@ -88,6 +90,7 @@ class ReplicaPool:
         self._max_bytes = max_message_bytes
         self._on_change = on_change
         self._token = token  # internal token sent to every replica (their auth_token)
+        self._interceptors = tuple(interceptors)  # request id + trace context metadata on every call
         self._replicas: dict[str, Replica] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -107,7 +110,8 @@ class ReplicaPool:
             wanted.extend(await _resolve(target))
         for address in wanted:
             if address not in self._replicas:
-                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes, self._token)
+                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes, self._token,
+                                                  self._interceptors)
         for address in [a for a in self._replicas if a not in wanted]:
             if any(t.startswith("dns:") for t in self._targets):
                 await self._replicas.pop(address).close()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ivl_proto.errors import ErrorCode, ServingError
+from opentelemetry import trace
 
 from ivl_llm.backends.base import Backend, MatcherFactory, TokenOut
 from ivl_llm.checkpoint import LLMCheckpoint, load_tokenizer, read_checkpoint
@@ -21,6 +23,7 @@ from ivl_llm.scheduler import Scheduler
 from ivl_llm.settings import LLMSettings
 from ivl_llm.templates import ChatMessage, get_template
 
+log = logging.getLogger(__name__)
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
@@ -124,6 +127,7 @@ class LLMService:
         self._token_texts: dict[int, tuple[str, bytes]] = {}
         self.metrics = metrics or LLMMetrics()
         self.metrics.watch(self)
+        self.tracer: trace.Tracer = trace.NoOpTracer()  # server.build_server sets the service's own
         self.ready = False
 
     @property
@@ -212,12 +216,17 @@ class LLMService:
             compiled = await asyncio.to_thread(guided.compile, sampling.guided)
             matchers = lambda rows: guided.matchers(compiled, rows)  # noqa: E731
         stops = self.stop_token_ids | frozenset(sampling.stop_token_ids)
-        slot = await self.scheduler.acquire()
+        with self.tracer.start_as_current_span("ivl.llm.queue", attributes={"ivl.waiting": self.scheduler.waiting}):
+            slot = await self.scheduler.acquire()
         queued_s = time.perf_counter() - started
+        span = self.tracer.start_span("ivl.llm.generate", attributes={
+            "ivl.prompt_tokens": prompt.prompt_tokens, "ivl.images": len(embeddings), "ivl.n": sampling.n,
+            "ivl.backend": self.backend.info.name, "ivl.guided": sampling.guided.kind if sampling.guided else "none"})
         try:
             generation = self.backend.generate(prompt, sampling, stops, matchers)
         except BaseException:
             slot.release()
+            span.end()
             raise
         generation.finished.add_done_callback(lambda _: slot.release())
         choices = [_Choice(IncrementalDetokenizer(self.tokenizer), StopStringMatcher(sampling.stop))
@@ -267,6 +276,8 @@ class LLMService:
             generation.cancel()
             if outcome != "ok":
                 self.metrics.request_finished(outcome)
+                span.set_attribute("ivl.outcome", outcome)
+                span.end()
         decode_s = last_at - first_at
         prefill = getattr(generation, "prefill", None)
         reasons = tuple(c.reason or FINISH_CANCELLED for c in choices)
@@ -280,4 +291,10 @@ class LLMService:
             prefill_s=prefill.prefill_s if prefill else 0.0,
         )
         self.metrics.request_done(usage, queued_s, reasons)
+        log.debug("Generate: %d prompt tokens (%d reused), %d generated in %d choice(s), %s, TTFT %.3f s",
+                  usage.prompt_tokens, usage.cached_prompt_tokens, count, len(choices), ",".join(reasons),
+                  usage.time_to_first_token_s)
+        span.set_attributes({"ivl.completion_tokens": count, "ivl.cached_prompt_tokens": usage.cached_prompt_tokens,
+                             "ivl.ttft_s": usage.time_to_first_token_s, "ivl.outcome": "ok"})
+        span.end()
         yield Finished(reasons[0], usage, reasons)

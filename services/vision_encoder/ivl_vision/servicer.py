@@ -6,6 +6,7 @@ calls that arrive before `attach(service)` get UNAVAILABLE.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -27,6 +28,7 @@ from ivl_vision.service import (
 )
 from ivl_vision.tiling import TilingConfig
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
 
 
@@ -116,7 +118,10 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         metrics.request_seconds.observe(time.perf_counter() - started)
         metrics.preprocess_seconds.observe(result.preprocess_s)
         metrics.request_images.observe(len(result.images))
-        metrics.request_tiles.observe(sum(image.planned.plan.num_tiles for image in result.images))
+        tiles = sum(image.planned.plan.num_tiles for image in result.images)
+        metrics.request_tiles.observe(tiles)
+        log.debug("EncodeImages: %d image(s), %d tiles, decode %.3f s, encode %.3f s", len(result.images), tiles,
+                  result.preprocess_s, result.encode_s)
         return vision_pb2.EncodeImagesResponse(
             images=[
                 vision_pb2.EncodedImage(embedding=tensor_to_pb(image.embedding, image.dtype), plan=plan_to_pb(image.planned))
