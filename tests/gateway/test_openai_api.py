@@ -269,3 +269,9 @@ async def test_a_framework_validation_error_is_openai_shaped():
     assert response.json()["error"] == {"message": "invalid request at 'query.limit': Input should be a valid integer",
                                         "type": "invalid_request_error", "param": "query.limit",
                                         "code": "unprocessable_entity"}
+
+
+def test_max_tokens_over_the_llms_limit_names_the_openai_field_and_the_real_cap(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(client, max_tokens=9000)
+    assert "max_tokens) is 9000; this server generates 1..8192 tokens per request" in caught.value.body["message"]

@@ -50,7 +50,8 @@ class Sampling:
 
     def check(self, max_new_tokens_limit: int, vocab_size: int | None = None, max_n: int = 16) -> Sampling:
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= max_new_tokens_limit:
-            raise invalid(f"max_new_tokens is {self.max_new_tokens}; it must be 1..{max_new_tokens_limit}")
+            raise invalid(f"max_new_tokens (OpenAI max_tokens) is {self.max_new_tokens}; this server generates 1.."
+                          f"{max_new_tokens_limit} tokens per request (IVL_LLM_MAX_NEW_TOKENS_LIMIT)")
         if not 0.0 <= self.temperature <= 100.0:
             raise invalid(f"temperature is {self.temperature}; it must be 0 (greedy) .. 100")
         if not 0.0 < self.top_p <= 1.0:
