@@ -6,7 +6,7 @@ stops generation in the LLM service and frees its slot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from ivl_proto.errors import from_grpc_error
@@ -18,8 +18,9 @@ from ivl_gateway.settings import GatewaySettings
 
 
 class LLMClient(ServiceClient[llm_pb2.InfoResponse]):
-    def __init__(self, settings: GatewaySettings) -> None:
-        super().__init__("LLM", settings.llm_addresses, llm_pb2_grpc.LanguageModelStub, llm_pb2.InfoRequest(), settings)
+    def __init__(self, settings: GatewaySettings, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+        super().__init__("LLM", settings.llm_addresses, llm_pb2_grpc.LanguageModelStub, llm_pb2.InfoRequest(), settings,
+                         interceptors)
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Stream from the next usable replica; moves on only if a replica fails before answering."""

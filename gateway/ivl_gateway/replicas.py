@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -44,10 +44,11 @@ class Replica:
     def __init__(
         self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = "",
         redial_s: float = 2.0,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_bytes, redial_s),
-                                                 interceptors=token_client_interceptors(token) or None)
+                                                 interceptors=[*token_client_interceptors(token), *interceptors] or None)
         self.stub = stub_factory(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = True
@@ -91,6 +92,7 @@ class ReplicaPool:
         max_message_bytes: int,
         on_change: Callable[[Replica], Any] | None = None,
         token: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.service = service
         self._targets = targets
@@ -101,6 +103,7 @@ class ReplicaPool:
         self._max_bytes = max_message_bytes
         self._on_change = on_change
         self._token = token  # internal token sent to every replica (their auth_token)
+        self._interceptors = tuple(interceptors)  # request id + trace context metadata on every call
         self._replicas: dict[str, Replica] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -122,7 +125,7 @@ class ReplicaPool:
             if address not in self._replicas:
                 self._replicas[address] = Replica(
                     address, self._stub_factory, self._max_bytes, self._token,
-                    max(self._health_interval_s, self._backoff_s),
+                    max(self._health_interval_s, self._backoff_s), self._interceptors,
                 )
         for address in [a for a in self._replicas if a not in wanted]:
             if any(t.startswith("dns:") for t in self._targets):

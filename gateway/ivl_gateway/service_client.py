@@ -6,7 +6,7 @@ Info is fetched once, again whenever the pool (re)connects a replica (its `on_ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -28,6 +28,7 @@ class ServiceClient(Generic[InfoT]):
         stub_factory: Callable[[grpc.aio.Channel], Any],
         info_request: Message,
         settings: GatewaySettings,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self._settings = settings
         self._info_request = info_request
@@ -41,6 +42,7 @@ class ServiceClient(Generic[InfoT]):
             max_message_bytes=settings.max_message_bytes,
             on_change=self._refresh_replica_info,
             token=settings.internal_token,
+            interceptors=interceptors,
         )
         self._info: InfoT | None = None
 

@@ -70,6 +70,14 @@ class GatewaySettings(BaseSettings):
     allow_private_urls: bool = False  # only for tests on loopback; never in production
     # Misc.
     model_name: str = ""  # the model id /v1/models reports; empty = the LLM service's model id
+    # More names `model` may give (e.g. "gpt-4o" for a client that cannot be configured); listed by /v1/models.
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # OpenAI fields this server cannot honour are a 400 naming the field; true = drop them instead (named in the
+    # response header x-ivl-ignored-fields and the log), for clients that always send some field.
+    ignore_unsupported_fields: bool = False
+    detail_high_max_tiles: int = Field(default=MAX_TILES_LIMIT, ge=1, le=MAX_TILES_LIMIT)  # image detail "high"
+    # OpenTelemetry: spans exported over OTLP/gRPC to this collector (e.g. http://otel-collector:4317); empty = off.
+    otlp_traces_endpoint: str = ""
     # Info.tiny_random_model (the UI's "replies are noise" banner): None = what the LLM service says
     # (its Info.random_weights, from the checkpoint's config.json marker written by ivl_tiny).
     tiny_random_model: bool | None = None
@@ -112,7 +120,7 @@ class GatewaySettings(BaseSettings):
     redis_pool_wait_s: float = Field(default=0.25, ge=0)
 
     @field_validator("vision_addresses", "llm_addresses", "api_keys", "url_allowed_hosts", "cors_allow_origins",
-                     "trusted_proxies", mode="before")
+                     "trusted_proxies", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.image_budget import ImageBudget
@@ -26,9 +28,10 @@ class EncodeResult:
 
 
 class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
         super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub,
-                         vision_pb2.InfoRequest(), settings)
+                         vision_pb2.InfoRequest(), settings, interceptors)
         self._metrics = metrics
 
     async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:

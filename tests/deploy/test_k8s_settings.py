@@ -46,8 +46,8 @@ SECRET_SAMPLES = {
 }
 # Which setting holds which listening port, per container port name.
 LISTENERS = {
-    "vision": {"grpc": "port"},
-    "llm": {"grpc": "port"},
+    "vision": {"grpc": "port", "metrics": "metrics_port"},
+    "llm": {"grpc": "port", "metrics": "metrics_port"},
     "gateway": {"grpc": "grpc_port", "http": "http_port"},
     "frontend": {"http": "port"},
 }

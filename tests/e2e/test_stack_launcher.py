@@ -76,6 +76,10 @@ def test_launcher_starts_everything_and_serves_a_chat(stack):
     assert ready["metrics"] == f"http://127.0.0.1:{stack.ports['metrics']}/metrics"
     assert stack.metric("ivl_stack_child_up", service="vision") == 1.0
     assert stack.metric("ivl_stack_restarts_total", service="llm") == 0.0
+    # The model services' own metrics ports (the launcher turns them on).
+    vision_metrics = httpx.get(f"http://127.0.0.1:{stack.ports['vision-metrics']}/metrics", timeout=10).text
+    llm_metrics = httpx.get(f"http://127.0.0.1:{stack.ports['llm-metrics']}/metrics", timeout=10).text
+    assert "vision_queued_tiles{" in vision_metrics and "llm_requests_waiting{" in llm_metrics
     # The UI page answers, and one chat goes through the gateway's OpenAI API.
     assert httpx.get(ready["ui"] + "/", timeout=10).status_code == 200
     reply = stack.chat("hello", max_tokens=5)

@@ -24,7 +24,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support.redis_server import free_port
 
-SERVICES = ("ui", "http", "grpc", "vision", "llm", "redis", "metrics")
+SERVICES = ("ui", "http", "grpc", "vision", "llm", "redis", "metrics", "vision-metrics", "llm-metrics")
 
 
 def alive(pid: int) -> bool:

@@ -214,8 +214,8 @@ class GatewayProcess(ServiceProcess):
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(f"{self.http_url}/metrics", timeout=10).text
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        return {  # keyed without model_name (every series carries it: the served model)
+            (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))): sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }

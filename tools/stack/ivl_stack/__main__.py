@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--grpc-port", type=int, help="gateway gRPC port (default 50050)")
     add("--vision-port", type=int, help="vision encoder gRPC port (default 50051)")
     add("--llm-port", type=int, help="LLM service gRPC port (default 50052)")
+    add("--vision-metrics-port", type=int, help="vision service Prometheus metrics port (default 9091; 0 = off)")
+    add("--llm-metrics-port", type=int, help="LLM service Prometheus metrics port (default 9092; 0 = off)")
     add("--redis-port", type=int, help="Redis port (default 6390)")
     add("--metrics-port", type=int, help="the launcher's own Prometheus /metrics on loopback (default 9400; 0 = off)")
     add("--redis-maxmemory", help="Redis memory cap for the embedding cache, LRU-evicted (default 1gb)")

@@ -9,7 +9,10 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PORT_FIELDS = ("ui_port", "http_port", "grpc_port", "vision_port", "llm_port", "redis_port", "metrics_port")
+PORT_FIELDS = (
+    "ui_port", "http_port", "grpc_port", "vision_port", "llm_port", "redis_port", "metrics_port", "vision_metrics_port",
+    "llm_metrics_port",
+)
 
 
 def default_cache_dir() -> Path:
@@ -32,6 +35,9 @@ class StackSettings(BaseSettings):
     vision_port: int = Field(50051, ge=1, le=65535)
     llm_port: int = Field(50052, ge=1, le=65535)
     redis_port: int = Field(6390, ge=1, le=65535)
+    # Prometheus metrics of the vision and LLM services (on the internal host, like their gRPC ports); 0 = off.
+    vision_metrics_port: int = Field(9091, ge=0, le=65535)
+    llm_metrics_port: int = Field(9092, ge=0, le=65535)
     # The vision and LLM services listen here (loopback: only this machine reaches them) and take calls only
     # with this token, which the launcher hands to the gateway; a new random one per run unless set.
     internal_host: str = "127.0.0.1"
