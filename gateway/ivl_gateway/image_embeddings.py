@@ -216,12 +216,22 @@ class EmbeddingResolver:
                 raise error
             results[job.key] = (embedding, encoded.seconds)
         if encoded.fingerprint and encoded.fingerprint != fingerprint:
-            log.warning("vision replica %s has fingerprint %s, expected %s; caching under its own",
-                        encoded.replica, encoded.fingerprint, fingerprint)
-            self._vision.forget_info()
-        store_fp = encoded.fingerprint or fingerprint
+            # A replica of another model answered (a rollout, or a replica restarted with other weights): its
+            # embeddings are kept under its own fingerprint, but never mixed into this request.
+            await self._cache.put_many(
+                [(self._cache.key(encoded.fingerprint, job.digest, job.tiling), results[job.key][0]) for job in jobs])
+            self._vision.recheck()
+            error = ServingError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"a vision replica answered with model fingerprint {encoded.fingerprint[:12]}, not "
+                f"{fingerprint[:12]} as the other replicas: the gateway does not mix models; it is checking "
+                "the replicas again, retry in a few seconds",
+            )
+            for job in jobs:
+                self._flight.fail(job.key, error)
+            raise error
         await self._cache.put_many(
-            [(self._cache.key(store_fp, job.digest, job.tiling), results[job.key][0]) for job in jobs]
+            [(self._cache.key(fingerprint, job.digest, job.tiling), results[job.key][0]) for job in jobs]
         )
         for job in jobs:
             self._flight.resolve(job.key, results[job.key])

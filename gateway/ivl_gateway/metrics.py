@@ -53,7 +53,8 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.encoded_images = Counter(
-            "vision_encoded_images", "Images encoded by the vision service, per replica", ["replica"], registry=r
+            "vision_encoded_images", "Images sent to the vision service to encode (grpc picks the replica; "
+            "per-replica counts are each vision service's own)", registry=r
         )
         self.tiles_per_image = Histogram(
             "vision_tiles_per_image", "Tiles per image (thumbnail included)", buckets=_TILE_BUCKETS, registry=r

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ivl_gateway.replica_targets import parse_target
+
 MAX_TILES_LIMIT = 40
 # Who may read /metrics, /docs + /openapi.json, and gRPC server reflection: everyone, API-key holders, nobody.
 Exposure = Literal["open", "api_key", "off"]
@@ -27,7 +29,8 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IVL_GATEWAY_", extra="ignore")
 
-    # Downstream services: host:port entries, or "dns:NAME:PORT" to re-resolve a DNS name to replicas.
+    # Downstream services: host:port entries, or one DNS name of several replicas: dns:///NAME:PORT (also
+    # dns:NAME:PORT, dns://DNS_SERVER/NAME:PORT). See replica_targets.py and docs/gateway.md "Scale-out".
     vision_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50051"])
     llm_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50052"])
     # Redis embedding cache; empty = no cache.
@@ -56,9 +59,13 @@ class GatewaySettings(BaseSettings):
     vision_timeout_s: float = Field(default=300.0, gt=0)
     llm_timeout_s: float = Field(default=600.0, gt=0)
     info_timeout_s: float = Field(default=5.0, gt=0)
-    health_interval_s: float = Field(default=2.0, gt=0)
-    replica_backoff_s: float = Field(default=2.0, ge=0)
+    # Replicas (grpc balances, health-checks and retries; replicas.py): a replica that went away is tried
+    # again at most this long after its last failed connection attempt; names are resolved again (and
+    # every replica's Info read) every dns_refresh_s; a call that fails UNAVAILABLE before any response is
+    # made at most replica_attempts times in all (grpc's limit is 5).
+    replica_backoff_s: float = Field(default=2.0, gt=0)
     dns_refresh_s: float = Field(default=10.0, gt=0)
+    replica_attempts: int = Field(default=3, ge=1, le=5)
     # Tiling: None = the vision service's defaults.
     default_max_tiles: int | None = Field(default=None, ge=1, le=MAX_TILES_LIMIT)
     default_use_thumbnail: bool | None = None
@@ -116,6 +123,13 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("vision_addresses", "llm_addresses")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_target(entry)  # ValueError naming the accepted forms
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
