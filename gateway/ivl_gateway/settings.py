@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,8 +35,11 @@ class GatewaySettings(BaseSettings):
     vision_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50051"])
     llm_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50052"])
     # Redis embedding cache; empty = no cache.
+    # redis://[user:password@]host:port/db, rediss://... for TLS; with redis_cluster=true the URL names any
+    # node of a Redis Cluster (docs/gateway.md "Redis").
     redis_url: str = ""
-    cache_namespace: str = "ivl:emb:v1"
+    redis_cluster: bool = False
+    cache_namespace: str = Field(default="ivl:emb:v1", pattern=r"^[^{}\s]+$")  # braces are cluster hash tags
     cache_ttl_s: int = Field(default=24 * 3600, ge=1)
     redis_timeout_s: float = Field(default=1.0, gt=0)
     redis_retry_s: float = Field(default=2.0, ge=0)  # after a Redis failure, skip it this long
@@ -137,6 +141,14 @@ class GatewaySettings(BaseSettings):
             raise ValueError("vision_addresses is empty: give at least one host:port of a vision service")
         if not self.llm_addresses:
             raise ValueError("llm_addresses is empty: give at least one host:port of an LLM service")
+        if self.redis_url:
+            parsed = urlsplit(self.redis_url)
+            if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
+                raise ValueError(f"redis_url {self.redis_url!r} is not redis://[user:password@]host:port/db, "
+                                 "rediss://... (TLS) or unix:///path")
+            if self.redis_cluster and (parsed.scheme == "unix" or parsed.path.strip("/") not in ("", "0")):
+                raise ValueError(f"redis_url {self.redis_url!r} with redis_cluster=true: a Redis Cluster is "
+                                 "reached over TCP and has only database 0 (redis://host:port or .../0)")
         if self.rate_limit:
             from limits import parse_many
 
