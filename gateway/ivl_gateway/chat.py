@@ -61,6 +61,7 @@ class ChatService:
     async def close(self) -> None:
         await self.vision.close()
         await self.llm.close()
+        await self.resolver.close()
         await self.cache.close()
 
     async def default_tiling(self) -> tuple[TilingChoice, int]:

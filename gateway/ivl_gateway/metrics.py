@@ -48,6 +48,14 @@ class GatewayMetrics:
         self.singleflight_waits = Counter(
             "vision_cache_singleflight_waits", "Images that waited for another request's encode", registry=r
         )
+        self.lock_waits = Counter(
+            "vision_cache_lock_waits", "Images that waited for another gateway's encode (its Redis lock)", registry=r
+        )
+        self.lock_takeovers = Counter(
+            "vision_cache_lock_takeovers",
+            "Images whose Redis encode lock was gone without an entry (holder failed or died) and were encoded here",
+            registry=r,
+        )
         self.encode_latency = Histogram(
             "vision_encode_seconds", "EncodeImages call time (all misses of a request)",
             buckets=_LATENCY_BUCKETS, registry=r,

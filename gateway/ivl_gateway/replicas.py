@@ -156,6 +156,7 @@ class ReplicaSet(Generic[InfoT]):
                      self.service, ", ".join(addresses) or "none", ", ".join(self._addresses) or "none")
             self._close_later(self._channel, self._drain_s)
         self._channel = grpc.aio.insecure_channel(target, options=self._options, interceptors=self._interceptors)
+        self._channel.get_state(try_to_connect=True)  # connect (and start watching health) before the first call
         self.target, self._addresses = target, addresses
 
     def _close_later(self, channel: grpc.aio.Channel, grace_s: float) -> None:

@@ -121,6 +121,11 @@ class GatewaySettings(BaseSettings):
     # one, then treats its lookup as a miss (a busy pool is not an outage).
     redis_max_connections: int = Field(default=64, ge=1)
     redis_pool_wait_s: float = Field(default=0.25, ge=0)
+    # Single flight across gateway processes sharing one Redis: a new image is encoded by one gateway, the
+    # others wait for its entry (encode_lock.py). The lock lives encode_lock_ttl_s unless its holder renews
+    # it (every third of that while encoding): a gateway that dies holds up the others for at most this long.
+    encode_lock: bool = True
+    encode_lock_ttl_s: float = Field(default=5.0, ge=0.3)
 
     @field_validator("vision_addresses", "llm_addresses", "api_keys", "url_allowed_hosts", "cors_allow_origins",
                      "trusted_proxies", mode="before")
