@@ -79,8 +79,13 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
 @dataclass(frozen=True)
 class ReplicaState:
     address: str
-    info: Any = None  # its last Info, or None
-    error: str = ""  # why Info failed
+    info: Any = None  # the last Info it answered (None: never)
+    error: str = ""  # why the latest read failed ("" when it answered)
+
+    @property
+    def answered(self) -> bool:
+        """It answered the latest read."""
+        return self.info is not None and not self.error
 
 
 class ReplicaSet(Generic[InfoT]):
@@ -140,6 +145,10 @@ class ReplicaSet(Generic[InfoT]):
         """Resolve the targets (a new channel when the addresses changed), then Info from every replica."""
         async with self._refresh_lock:
             addresses = await resolve_all(self._targets)
+            if not addresses and self._channel is not None:
+                # A name that resolves to nothing now (a DNS hiccup, or every pod gone): keep the channel
+                # and its connections; grpc's own resolver and health checks say whether anything answers.
+                addresses = self._addresses
             target = channel_target(self._targets, addresses)
             if self._channel is None or target != self.target or addresses != self._addresses:
                 self._use_channel(target, addresses)
@@ -173,18 +182,23 @@ class ReplicaSet(Generic[InfoT]):
             self._info_channels[address] = channel
         try:
             return ReplicaState(address, await self._fetch_info(channel))
-        except grpc.aio.AioRpcError as error:
-            return ReplicaState(address, error=f"{error.code().name}: {error.details()}")
+        except grpc.aio.AioRpcError as error:  # keeps what it answered before (a slow or frozen replica)
+            last = self._states.get(address)
+            return ReplicaState(address, last.info if last else None, f"{error.code().name}: {error.details()}")
 
     def _groups(self) -> dict[tuple[tuple[str, object], ...], list[str]]:
         groups: dict[tuple[tuple[str, object], ...], list[str]] = {}
         for state in self.states:
-            if state.info is not None:
+            if state.answered:
                 groups.setdefault(self._identity(state.info), []).append(state.address)
         return groups
 
+    def answering(self) -> bool:
+        """Some replica answered the latest read of its Info."""
+        return any(state.answered for state in self.states)
+
     def mismatch(self) -> str:
-        """'' when every replica that answered runs the same model, else what differs and where."""
+        """'' when every replica that answered the latest read runs the same model, else what differs where."""
         groups = self._groups()
         if len(groups) < 2:
             return ""
@@ -196,21 +210,23 @@ class ReplicaSet(Generic[InfoT]):
                 f"replicas of different models: make them the same (finish or roll back the rollout)")
 
     def agreed_info(self) -> InfoT | None:
-        """The Info every answering replica shares; None when none answered; ServingError when they disagree."""
+        """The Info the replicas that answered the latest read share (when none did: the last one any of them
+        answered; a replica that is slow to answer its Info is still the same model); None when none ever
+        answered; ServingError when the answering ones disagree."""
         problem = self.mismatch()
         if problem:
             raise ServingError(ErrorCode.FAILED_PRECONDITION, problem)
-        answered = [s.info for s in self.states if s.info is not None]
+        answered = [s.info for s in self.states if s.answered] or [s.info for s in self.states if s.info is not None]
         return answered[-1] if answered else None
 
     def describe(self) -> dict[str, str]:
         """Each replica address and what it answered, for /ready."""
         out: dict[str, str] = {}
         for state in self.states:
-            if state.info is None:
-                out[state.address] = f"no Info: {state.error}"
-            else:
+            if state.answered:
                 out[state.address] = ", ".join(f"{k}={v}" for k, v in self._identity(state.info))
+            else:
+                out[state.address] = f"no Info: {state.error or 'not read yet'}"
         return out
 
     def _log_verdict(self) -> None:

@@ -2,8 +2,10 @@
 downstream calls are made (`unary`, `stream`: per-call metadata, deadlines and error mapping go here).
 
 Info comes from the replica watch (every replica's own Info, all agreeing; refreshed every `dns_refresh_s`,
-on `info(refresh=True)` and after `recheck()`); when no replica answered it on its own channel, one Info
-call goes through the balanced channel, so the caller gets grpc's reason (UNAVAILABLE, ...) instead.
+on `info(refresh=True)` and after `recheck()`). A chat uses the last Info known even while no replica
+answers its Info read (a frozen or busy replica is still the same model; the call itself will tell). When
+none ever answered, or on `info(refresh=True)` (/ready) when none answers now, one Info call goes through
+the balanced channel, so the caller gets grpc's reason (UNAVAILABLE, ...).
 """
 
 from __future__ import annotations
@@ -85,10 +87,10 @@ class ServiceClient(Generic[InfoT]):
 
     async def info(self, refresh: bool = False) -> InfoT:
         """The Info every replica shares (model id, hidden size, ...); FAILED_PRECONDITION when they disagree."""
-        if refresh:
+        if refresh:  # /ready: is some replica answering now?
             await self.replicas.refresh()
         agreed = self.replicas.agreed_info()
-        if agreed is not None:
+        if agreed is not None and (self.replicas.answering() or not refresh):
             return agreed
         info: InfoT = await self.unary("Info", self._info_request, self._settings.info_timeout_s)
         return info

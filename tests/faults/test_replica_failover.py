@@ -6,96 +6,20 @@ measured for bench/RESULTS.md by bench/bench_scale_out.py.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-import grpc
 import httpx
 import pytest
-from ivl_proto.grpc_runtime import message_size_options
-from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 from support.dns_server import running_dns
-from support.load_client import chat_body, unique_png
+from support.load_client import chat_body
 from support.redis_server import free_port
+from support.scale_out import Load, images_seen, new_image, wait_until
 from support.service_processes import process_backend
 
 pytestmark = pytest.mark.slow
 
-_seeds = itertools.count(40_000)
 FAST_REPLICAS = {"default_max_tiles": 1, "replica_backoff_s": 0.5, "dns_refresh_s": 0.5, "info_timeout_s": 2.0}
-
-
-def images_seen(address: str) -> int:
-    """The vision service's own count of images submitted to its encoder since it started."""
-    with grpc.insecure_channel(address, options=message_size_options()) as channel:
-        info = vision_pb2_grpc.VisionEncoderStub(channel).Info(vision_pb2.InfoRequest(), timeout=10)
-    return int(info.batching.requests)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.1) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(step_s)
-    return time.monotonic() - start
-
-
-@dataclass
-class Outcome:
-    started: float
-    ended: float
-    status: int
-    detail: str
-
-
-class Load:
-    """`clients` threads sending chats (each image new, so each one is encoded) until stopped."""
-
-    def __init__(self, url: str, clients: int = 2, images: bool = True, max_tokens: int = 1) -> None:
-        self._url = url
-        self._images = images
-        self._max_tokens = max_tokens
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.outcomes: list[Outcome] = []
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def _client(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
-                images = [unique_png(next(_seeds), 160, 120)] if self._images else None
-                body = chat_body("What is this?", images, max_tokens=self._max_tokens, stream=False)
-                started = time.monotonic()
-                try:
-                    response = client.post(f"{self._url}/v1/chat/completions", json=body)
-                    status, detail = response.status_code, response.text[:300]
-                except httpx.HTTPError as error:
-                    status, detail = 0, repr(error)
-                with self._lock:
-                    self.outcomes.append(Outcome(started, time.monotonic(), status, detail))
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.outcomes)
-
-    def wait_for(self, more: int, timeout_s: float = 60) -> None:
-        target = self.count() + more
-        wait_until(lambda: self.count() >= target, timeout_s, f"{more} more requests")
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Load]:
-        for thread in self._threads:
-            thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            for thread in self._threads:
-                thread.join(90)
 
 
 def test_vision_replica_killed_then_restarted_under_load(tiny_original):
@@ -162,7 +86,7 @@ def test_replicas_behind_one_dns_name_follow_it(tiny_original):
         one, two = backend.visions
 
         def chat() -> httpx.Response:
-            body = chat_body("What is this?", [unique_png(next(_seeds), 160, 120)], max_tokens=1, stream=False)
+            body = chat_body("What is this?", [new_image()], max_tokens=1, stream=False)
             return httpx.post(f"{backend.gateway.http_url}/v1/chat/completions", json=body, timeout=120)
 
         assert all(chat().status_code == 200 for _ in range(3))
