@@ -67,7 +67,7 @@ class GatewaySettings(BaseSettings):
     # again at most this long after its last failed connection attempt; names are resolved again (and
     # every replica's Info read) every dns_refresh_s; a call that fails UNAVAILABLE before any response is
     # made at most replica_attempts times in all (grpc's limit is 5).
-    replica_backoff_s: float = Field(default=2.0, gt=0)
+    replica_backoff_s: float = Field(default=2.0, ge=0)
     dns_refresh_s: float = Field(default=10.0, gt=0)
     replica_attempts: int = Field(default=3, ge=1, le=5)
     # Tiling: None = the vision service's defaults.

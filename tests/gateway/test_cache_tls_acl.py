@@ -21,7 +21,7 @@ from support.redis_server import free_port
 
 # What the gateway needs, and only on its own keys (docs/gateway.md "Redis": the ACL line to copy).
 ACL = ["ivl-gateway", "on", ">s3cret-pass", "~ivl:emb:v1:*", "resetchannels", "-@all", "+get", "+mget", "+set",
-       "+del", "+exists", "+pexpire", "+eval", "+evalsha", "+ping"]
+       "+del", "+exists", "+pexpire", "+eval", "+ping"]
 
 
 def openssl(*args: str, cwd: Path) -> None:
