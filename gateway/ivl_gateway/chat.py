@@ -71,6 +71,7 @@ class ChatService:
     async def close(self) -> None:
         await self.vision.close()
         await self.llm.close()
+        await self.resolver.close()
         await self.cache.close()
 
     async def default_tiling(self) -> tuple[TilingChoice, int]:
@@ -208,7 +209,8 @@ class ChatService:
             raise ServingError(ErrorCode.UNAVAILABLE, "the LLM service ended the stream without a final message")
 
     async def readiness(self) -> Readiness:
-        """Vision and LLM reachable and compatible (same hidden size); Redis state reported."""
+        """Vision and LLM reachable, each service's replicas agreeing on their model, and compatible (same
+        hidden size); every replica's answer and the Redis state reported."""
         detail: dict[str, object] = {}
         ready = True
         vision_hidden = llm_hidden = None
@@ -231,6 +233,8 @@ class ChatService:
             detail["compatible"] = f"vision width {vision_hidden} != LLM hidden size {llm_hidden}"
         else:
             detail["compatible"] = ready
+        detail["vision"]["replicas"] = self.vision.replicas.describe()  # type: ignore[index]
+        detail["llm"]["replicas"] = self.llm.replicas.describe()  # type: ignore[index]
         if self.cache.enabled:
             detail["redis"] = "ok" if await self.cache.ping() else "down (serving uncached)"
         else:

@@ -73,12 +73,21 @@ class GatewayMetrics:
         self.singleflight_waits = Counter(
             "vision_cache_singleflight_waits", "Images that waited for another request's encode", registry=r
         )
+        self.lock_waits = Counter(
+            "vision_cache_lock_waits", "Images that waited for another gateway's encode (its Redis lock)", registry=r
+        )
+        self.lock_takeovers = Counter(
+            "vision_cache_lock_takeovers",
+            "Images whose Redis encode lock was gone without an entry (holder failed or died) and were encoded here",
+            registry=r,
+        )
         self.encode_latency = Histogram(
             "vision_encode_seconds", "EncodeImages call time (all misses of a request)",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.encoded_images = Counter(
-            "vision_encoded_images", "Images encoded by the vision service, per replica", ["replica"], registry=r
+            "vision_encoded_images", "Images sent to the vision service to encode (grpc picks the replica; "
+            "per-replica counts are each vision service's own)", registry=r
         )
         self.tiles_per_image = Histogram(
             "vision_tiles_per_image", "Tiles per image (thumbnail included)", buckets=_TILE_BUCKETS, registry=r

@@ -14,31 +14,36 @@ from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice
 from ivl_gateway.metrics import GatewayMetrics
-from ivl_gateway.replicas import call_unary
 from ivl_gateway.service_client import ServiceClient
 from ivl_gateway.settings import GatewaySettings
+
+GRPC_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
+
+def vision_identity(info: vision_pb2.InfoResponse) -> tuple[tuple[str, object], ...]:
+    """What must be equal on every vision replica: the fingerprint (weights, configs, dtype)."""
+    return (("fingerprint", info.fingerprint),)
 
 
 @dataclass(frozen=True)
 class EncodeResult:
     embeddings: list[ImageEmbedding]
     fingerprint: str
-    replica: str
     seconds: float
 
 
 class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics,
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
-        super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub,
-                         vision_pb2.InfoRequest(), settings, interceptors)
+        super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub, GRPC_SERVICE,
+                         vision_pb2.InfoRequest(), vision_identity, settings, settings.vision_timeout_s, interceptors)
         self._metrics = metrics
 
     async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:
         request = vision_pb2.PlanImagesRequest(
             images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images]
         )
-        response, _ = await call_unary(self.pool, "PlanImages", request, self._settings.info_timeout_s * 4)
+        response = await self.unary("PlanImages", request, self._settings.info_timeout_s * 4)
         return list(response.plans)
 
     async def encode(self, images: list[tuple[bytes, TilingChoice]], budget: ImageBudget | None = None) -> EncodeResult:
@@ -49,7 +54,7 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             budget=(budget or ImageBudget()).to_pb(),
         )
         start = time.perf_counter()
-        response, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)
+        response = await self.unary("EncodeImages", request, self._settings.vision_timeout_s)
         seconds = time.perf_counter() - start
         if len(response.images) != len(images):
             raise ServingError(
@@ -57,7 +62,7 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
                 f"the vision service returned {len(response.images)} embeddings for {len(images)} images",
             )
         self._metrics.encode_latency.observe(seconds)
-        self._metrics.encoded_images.labels(replica=replica.address).inc(len(images))
+        self._metrics.encoded_images.inc(len(images))
         embeddings = [
             ImageEmbedding(
                 dtype=item.embedding.dtype,
@@ -67,5 +72,4 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             )
             for item in response.images
         ]
-        fingerprint = response.fingerprint or (replica.info.fingerprint if replica.info else "")
-        return EncodeResult(embeddings, fingerprint, replica.address, seconds)
+        return EncodeResult(embeddings, response.fingerprint, seconds)

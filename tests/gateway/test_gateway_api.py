@@ -175,14 +175,18 @@ async def test_api_keys_on_http_and_grpc(stack):
             assert reply.hidden_size > 0
 
 
-def test_dns_named_replicas(stack):
+@pytest.mark.parametrize("form", ["dns:localhost:{port}", "dns:///localhost:{port}", "localhost:{port}"])
+def test_dns_named_replicas(stack, form):
     port = stack.vision_addresses[0].rsplit(":", 1)[1]
-    with stack.extra_gateway(vision_addresses=[f"dns:localhost:{port}"]) as gateway:
-        replicas = [r.address for r in gateway.chat_service.vision.pool.replicas]
-        assert f"127.0.0.1:{port}" in replicas
+    with stack.extra_gateway(vision_addresses=[form.format(port=port)]) as gateway:
+        replicas = gateway.chat_service.vision.replicas
+        assert f"127.0.0.1:{port}" in replicas.addresses
+        assert replicas.target == f"dns:///localhost:{port}"  # grpc's own resolver balances over the name
         response = httpx.post(f"http://127.0.0.1:{gateway.ports.http}/v1/chat/completions", timeout=60, json={
             "messages": [user_turn("x", new_png())], "max_tokens": 2})
         assert response.status_code == 200, response.text
+        ready = httpx.get(f"http://127.0.0.1:{gateway.ports.http}/ready", timeout=30).json()
+        assert "fingerprint=" in ready["vision"]["replicas"][f"127.0.0.1:{port}"]
 
 
 async def test_grpc_chat_choices_logprobs_guided_and_per_image_tiling(stack):

@@ -189,8 +189,9 @@ def test_gateway_never_imports_torch():
 
 
 async def test_dns_targets_resolve_to_one_replica_per_address():
-    from ivl_gateway.replicas import _resolve
+    from ivl_gateway.replica_targets import parse_target, resolve
 
-    assert await _resolve("10.0.0.1:5") == ["10.0.0.1:5"]
-    assert "127.0.0.1:50051" in await _resolve("dns:localhost:50051")
-    assert await _resolve("dns:no-such-host.invalid:1") == []
+    assert await resolve(parse_target("10.0.0.1:5")) == ["10.0.0.1:5"]
+    assert "127.0.0.1:50051" in await resolve(parse_target("dns:localhost:50051"))
+    assert "127.0.0.1:50051" in await resolve(parse_target("dns:///localhost:50051"))
+    assert await resolve(parse_target("dns:no-such-host.invalid:1")) == []

@@ -132,7 +132,7 @@ class Stack:
             "llm_addresses": self.llm_addresses,
             "redis_url": self.redis.url if self.redis is not None else "",
             "grpc_host": "127.0.0.1", "grpc_port": 0, "http_host": "127.0.0.1", "http_port": 0,
-            "health_interval_s": 0.5, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
+            "dns_refresh_s": 1.0, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
         }
         fields.update(self._gateway_overrides)
         fields.update(overrides)
@@ -280,7 +280,7 @@ class ProcessStack:
             "IVL_GATEWAY_REDIS_URL": self.redis.url if self.redis is not None else "",
             "IVL_GATEWAY_GRPC_HOST": "127.0.0.1", "IVL_GATEWAY_GRPC_PORT": str(self._grpc_port),
             "IVL_GATEWAY_HTTP_HOST": "127.0.0.1", "IVL_GATEWAY_HTTP_PORT": str(self._http_port),
-            "IVL_GATEWAY_HEALTH_INTERVAL_S": "0.5",
+            "IVL_GATEWAY_DNS_REFRESH_S": "1.0",
         })
         try:
             self.wait_ready()
