@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -158,34 +161,52 @@ def methods(data: bytes, max_tiles: int, tile_threads: dict[int, ThreadPoolExecu
     }
 
 
-async def _thread_pool_rate(executor: ThreadPoolExecutor, data: bytes, config: TilingConfig, count: int) -> float:
-    """Before the sandbox: decode + tile in-process on a thread pool (what the service did)."""
+def _process_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of this process (all threads) plus the given child processes (from /proc)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def _thread_pool_rate(
+    executor: ThreadPoolExecutor, data: bytes, config: TilingConfig, count: int
+) -> tuple[float, float]:
+    """Before the sandbox: decode + tile in-process on a thread pool (what the service did).
+    (images/s, CPU seconds per image)."""
     loop = asyncio.get_running_loop()
-    started = time.perf_counter()
+    cpu, started = _process_cpu_s([]), time.perf_counter()
     await asyncio.gather(*(loop.run_in_executor(executor, preprocess_trusted, data, config, ImageLimits())
                            for _ in range(count)))
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), (_process_cpu_s([]) - cpu) / count
 
 
-async def _sandbox_rate(preprocessor: Preprocessor, data: bytes, config: TilingConfig, count: int) -> float:
-    """The service now: a header probe and a decode + tile per image, in the sandboxed workers."""
+async def _sandbox_rate(
+    preprocessor: Preprocessor, data: bytes, config: TilingConfig, count: int
+) -> tuple[float, float]:
+    """The service now: a header probe and a decode + tile per image, in the sandboxed workers.
+    (images/s, CPU seconds per image: the workers' and this process's)."""
 
     async def one() -> object:
         return await preprocessor.tile(data, config, await preprocessor.probe(data))
 
-    started = time.perf_counter()
+    pids = preprocessor.pool.pids
+    cpu, started = _process_cpu_s(pids), time.perf_counter()
     await asyncio.gather(*(one() for _ in range(count)))
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), (_process_cpu_s(pids) - cpu) / count
 
 
 def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int, worker_counts: list[int],
-                    tile_threads: int) -> dict[tuple, float]:
-    """{(kind, workers[, threads]): median images/s}, interleaved: the in-process thread pool (the service before the
-    sandbox), and the sandbox with 1 and `tile_threads` resize threads per worker, for each worker count."""
+                    tile_threads: int) -> dict[tuple, tuple[float, float]]:
+    """{(kind, workers[, threads]): (median images/s, median CPU s per image)}, interleaved: the in-process thread
+    pool (the service before the sandbox), and the sandbox with 1 and `tile_threads` resize threads per worker, for
+    each worker count."""
     thread_counts = sorted({1, tile_threads})
 
-    async def run() -> dict[tuple, float]:
-        rates: dict[tuple, list[float]] = {}
+    async def run() -> dict[tuple, tuple[float, float]]:
+        rates: dict[tuple, list[tuple[float, float]]] = {}
         pools = {workers: ThreadPoolExecutor(max_workers=workers) for workers in worker_counts}
         sandboxes = {(workers, threads): Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=workers, threads=threads))
                      for workers in worker_counts for threads in thread_counts}
@@ -210,7 +231,8 @@ def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int, 
                 await sandbox.close()
             for pool in pools.values():
                 pool.shutdown()
-        return {key: statistics.median(values) for key, values in rates.items()}
+        return {key: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
+                for key, values in rates.items()}
 
     return asyncio.run(run())
 
@@ -307,13 +329,15 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
         headers = ["image"]
         for w in counts:
             headers += [f"thread pool, {w}", f"sandbox {w}x1", f"sandbox {w}x{extra}"]
-        headers += [f"sandbox {counts[-1]} / {counts[0]} workers (x1)"]
+        headers += [f"sandbox {counts[-1]} / {counts[0]} workers (x1)", "CPU ms/image threads",
+                    "CPU ms/image sandbox"]
         body = []
         for name, r in pool_rows:
             row = [name]
             for w in counts:
-                row += [f"{r['threads', w]:.2f}", f"{r['sandbox', w, 1]:.2f}", f"{r['sandbox', w, extra]:.2f}"]
-            row.append(f"{r['sandbox', counts[-1], 1] / r['sandbox', counts[0], 1]:.2f}")
+                row += [f"{r['threads', w][0]:.2f}", f"{r['sandbox', w, 1][0]:.2f}", f"{r['sandbox', w, extra][0]:.2f}"]
+            row.append(f"{r['sandbox', counts[-1], 1][0] / r['sandbox', counts[0], 1][0]:.2f}")
+            row += [f"{1000 * r['threads', counts[0]][1]:.0f}", f"{1000 * r['sandbox', counts[0], 1][1]:.0f}"]
             body.append(row)
         lines += [
             "",
@@ -325,6 +349,9 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
             "shared 2-core machine read the ratios within a row.",
             "",
             *markdown_table(headers, body),
+            "",
+            f"CPU ms/image ({counts[0]} worker{'s' if counts[0] > 1 else ''}, 1 resize thread): every CPU second this "
+            "process and the decode workers spent, per image (robust to other load; 10 ms resolution for the workers).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ def one_run(cache_dir: Path, workdir: Path) -> tuple[float, float, float]:
     ready = workdir / "ready.json"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "ivl_stack", "--cache-dir", str(cache_dir), "--ready-file", str(ready)]
-    for name in ("ui", "http", "grpc", "vision", "llm", "redis"):
+    for name in ("ui", "http", "grpc", "vision", "llm", "redis", "metrics"):
         argv += [f"--{name}-port", str(free_port())]
     started = time.monotonic()
     launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -59,7 +59,7 @@ async def run(backend: Any, prompt: Any, stops: frozenset[int]) -> tuple[list[in
     ids, stamps = [], []
     started = time.perf_counter()
     async for token in backend.generate(prompt, Sampling(max_new_tokens=prompt.max_new_tokens), stops):
-        ids.append(token)
+        ids.append(token.token_id)
         stamps.append(time.perf_counter())
     ttft = stamps[0] - started
     tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0

@@ -14,15 +14,17 @@ QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 
 declare -A FULL QUICKARGS
-ORDER=(preprocess gateway vision_batching concurrency soak encoder_cpu llm stack_startup gpu_vision gpu_lmdeploy)
+ORDER=(preprocess gateway vision_batching concurrency soak scale_out encoder_cpu llm stack_startup ui_preview_bomb gpu_vision gpu_lmdeploy)
 FULL[preprocess]="bench/bench_preprocess.py"
 FULL[gateway]="bench/bench_gateway.py"
 FULL[vision_batching]="bench/bench_vision_batching.py"
 FULL[concurrency]="bench/bench_concurrency.py"
 FULL[soak]="bench/bench_soak.py"
+FULL[scale_out]="bench/bench_scale_out.py"
 FULL[encoder_cpu]="bench/bench_encoder_cpu.py"
 FULL[llm]="bench/bench_llm.py"
 FULL[stack_startup]="bench/bench_stack_startup.py"
+FULL[ui_preview_bomb]="bench/bench_ui_preview_bomb.py"
 FULL[gpu_vision]="bench/gpu_vision.py"
 FULL[gpu_lmdeploy]="bench/gpu_lmdeploy.py"
 QUICKARGS[preprocess]="--quick --no-append"
@@ -30,9 +32,11 @@ QUICKARGS[gateway]="--quick --no-append"
 QUICKARGS[vision_batching]="--quick --no-append"
 QUICKARGS[concurrency]="--levels 1,4 --requests-per-client 2 --no-append"
 QUICKARGS[soak]="--clients 4 --duration-s 15 --sample-s 5 --no-append"
+QUICKARGS[scale_out]="--rounds 1 --no-append"
 QUICKARGS[encoder_cpu]="--tiles-300m 1 --no-append"
 QUICKARGS[llm]="--models tiny --no-append"
 QUICKARGS[stack_startup]="SKIP"  # it always appends to RESULTS.md
+QUICKARGS[ui_preview_bomb]="--repeats 200 --timeout-s 1 --no-append"
 QUICKARGS[gpu_vision]="--quick"
 QUICKARGS[gpu_lmdeploy]=""
 

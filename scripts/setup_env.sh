@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# redis-cli (Debian's redis-tools, a dependency of redis-server) makes the Redis Cluster of tests/support.
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+# openssl makes the certificates of the Redis TLS test (tests/gateway/test_cache_tls_acl.py).
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # tests/e2e/test_compose_file.py validates docker-compose.yml with Debian's docker-compose (no engine needed).
 [ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
 if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then

@@ -11,6 +11,7 @@ from types import FrameType
 from pydantic import ValidationError
 
 from ivl_frontend.app import build_demo
+from ivl_frontend.chat_handler import ChatHandler
 from ivl_frontend.gateway_client import GatewayClient
 from ivl_frontend.serve import disable_telemetry, launch
 from ivl_frontend.settings import FrontendSettings
@@ -42,15 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         for item in error.errors():
             print(f"invalid IVL_FRONTEND_{'_'.join(map(str, item['loc'])).upper()}: {item['msg']}", file=sys.stderr)
         return 2
-    demo = build_demo(settings, GatewayClient(settings))
+    client = GatewayClient(settings)
+    handler = ChatHandler(settings, client)
+    demo = build_demo(settings, client, handler)
     signal.signal(signal.SIGTERM, _terminate)
-    launch(demo, settings)
     try:
+        launch(demo, settings)
         demo.block_thread()
     except KeyboardInterrupt:
         pass
     finally:
         demo.close()
+        handler.close()  # the preview folder goes with the UI
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ivl_frontend.chat_handler import ChatHandler
+from ivl_frontend.chat_handler import NO_IMAGES_YET, ChatHandler
+from ivl_frontend.chat_interface import SettlingChatInterface
 from ivl_frontend.gateway_client import GatewayClient
 from ivl_frontend.settings import MAX_TILES_LIMIT, FrontendSettings
 
@@ -20,8 +21,11 @@ DESCRIPTION = (
 )
 
 
-def build_demo(settings: FrontendSettings, gateway_client: GatewayClient) -> gr.Blocks:
-    handler = ChatHandler(settings, gateway_client)
+def build_demo(
+    settings: FrontendSettings, gateway_client: GatewayClient, handler: ChatHandler | None = None
+) -> gr.Blocks:
+    """The page. Pass `handler` to close it (its preview files) when the page stops."""
+    handler = handler if handler is not None else ChatHandler(settings, gateway_client)
     with gr.Blocks(title=settings.title, analytics_enabled=False, fill_height=True) as demo:
         gr.Markdown(f"## {settings.title}\n{DESCRIPTION}")
         banner = gr.Markdown("Connecting to the gateway…", elem_id="ivl-banner")
@@ -59,10 +63,11 @@ def build_demo(settings: FrontendSettings, gateway_client: GatewayClient) -> gr.
                                                 label="Add a thumbnail tile (whole image)")
                 tiles = gr.Gallery(label="How the images are cut (448×448 tiles)", elem_id="ivl-tiles", columns=1,
                                    height=300, object_fit="contain", show_label=True, interactive=False)
-                tiles_info = gr.Markdown("Attach an image to see how it is cut into tiles.", elem_id="ivl-tiles-info")
+                tiles_info = gr.Markdown(NO_IMAGES_YET, elem_id="ivl-tiles-info")
         with left:  # the chat goes in the left column, created after the controls it reads
-            chat = gr.ChatInterface(
+            chat = SettlingChatInterface(
                 handler.respond,
+                after_reply=handler.after_reply,
                 multimodal=True,
                 chatbot=chatbot,
                 textbox=textbox,
@@ -78,6 +83,8 @@ def build_demo(settings: FrontendSettings, gateway_client: GatewayClient) -> gr.
         max_tiles.release(handler.plan_preview, controls, outputs, api_visibility="undocumented", queue=False)
         use_thumbnail.input(handler.plan_preview, controls, outputs, api_visibility="undocumented", queue=False)
         demo.load(handler.banner, None, [banner], api_name="banner", queue=False)
+        chatbot.clear(handler.clear_chat, None, [tiles, tiles_info], api_visibility="undocumented", queue=False)
+        demo.unload(handler.forget_session)
         del chat
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
     return demo

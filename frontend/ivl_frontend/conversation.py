@@ -3,12 +3,14 @@
 Gradio hands history as openai-style dicts whose content is a string, a file dict, or a list of
 blocks ({"type": "text", "text": ...} / {"type": "file", "file": {"path": ...}}). Every earlier
 image is sent again each turn (the gateway's embedding cache makes that cheap); assistant notes
-that carry metadata (the per-reply stats line) are display-only and never reach the model.
+that carry metadata (the per-reply stats line) are display-only and never reach the model. An image
+the stack refused (in `refused`) is left out of every later request, so one bad file does not break
+the rest of the chat; so is a file of an earlier turn that is not an image (it was refused when sent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,47 +32,64 @@ class Turn:
     images: list[str] = field(default_factory=list)
 
 
-def _file_path(block: Any) -> str | None:
+class RefusedFile(ServingError):
+    """An error about one attached file (`path`): the UI removes that file from the chat."""
+
+    def __init__(self, code: ErrorCode, message: str, path: str) -> None:
+        super().__init__(code, message)
+        self.path = path
+
+
+def file_path(block: Any) -> str | None:
+    """The path of a file block of a Gradio message in any of its shapes, else None."""
     if isinstance(block, Mapping):
         if isinstance(block.get("file"), Mapping):
-            return _file_path(block["file"])
+            return file_path(block["file"])
         path = block.get("path")
         return str(path) if path else None
     path = getattr(block, "path", None)
     return str(path) if path else None
 
 
-def _blocks(content: Any) -> Iterable[Any]:
+def blocks(content: Any) -> Iterable[Any]:
     if isinstance(content, list | tuple):
         return content
     return [content]
 
 
-def _add_block(turn: Turn, block: Any) -> None:
+def is_image_path(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _add_block(turn: Turn, block: Any, refused: Container[str] = (), strict: bool = True) -> None:
     if isinstance(block, str):
         turn.text = f"{turn.text}\n{block}" if turn.text else block
         return
     if isinstance(block, Mapping) and block.get("type") == "text":
         _add_block(turn, str(block.get("text", "")))
         return
-    path = _file_path(block)
-    if path is not None:
-        if path.lower().endswith(IMAGE_SUFFIXES):
-            turn.images.append(path)
-        else:
-            raise ServingError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"{Path(path).name} is not an image; attach PNG, JPEG, WebP, BMP, GIF or TIFF files",
-            )
-    # Other blocks (components rendered in the chat) carry nothing for the model.
+    path = file_path(block)
+    if path is None or path in refused:
+        return  # other blocks (components rendered in the chat) carry nothing for the model
+    if is_image_path(path):
+        turn.images.append(path)
+    elif strict:
+        raise RefusedFile(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{Path(path).name} is not an image; attach PNG, JPEG, WebP, BMP, GIF or TIFF files",
+            path,
+        )
 
 
 ERROR_MARK = "⚠️ **Error"
+PLACEHOLDER = "…"  # the reply shown until the first token
+STOPPED_EARLY = "(stopped before the reply began)"
 
 
-def history_turns(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
+def history_turns(history: Sequence[Mapping[str, Any]], refused: Container[str] = ()) -> list[Turn]:
     """The conversation so far, consecutive messages of one role merged into one turn. The UI's own
-    error notes in earlier replies are cut off: the model never wrote them."""
+    error notes in earlier replies are cut off: the model never wrote them. Files in `refused` and
+    files that are not images are left out."""
     turns: list[Turn] = []
     for message in history:
         role = str(message.get("role", "user"))
@@ -78,10 +97,12 @@ def history_turns(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
             continue
         if not turns or turns[-1].role != role:
             turns.append(Turn(role=role))
-        for block in _blocks(message.get("content")):
-            _add_block(turns[-1], block)
+        for block in blocks(message.get("content")):
+            _add_block(turns[-1], block, refused, strict=False)
         if role == "assistant" and ERROR_MARK in turns[-1].text:
             turns[-1].text = turns[-1].text.split(ERROR_MARK, 1)[0].rstrip()
+        if role == "assistant" and turns[-1].text in (PLACEHOLDER, STOPPED_EARLY):
+            turns[-1].text = ""  # a reply stopped before its first token: the model wrote nothing
     return turns
 
 
@@ -108,8 +129,10 @@ def _read_image(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise ServingError(
-            ErrorCode.NOT_FOUND, f"the image {Path(path).name} is no longer available ({error.strerror}); attach it again"
+        raise RefusedFile(
+            ErrorCode.NOT_FOUND,
+            f"the image {Path(path).name} is no longer available ({error.strerror}); attach it again",
+            path,
         ) from None
 
 

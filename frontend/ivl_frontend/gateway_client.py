@@ -34,7 +34,10 @@ class GatewayClient:
     def _chat_stub(self) -> gateway_pb2_grpc.ChatStub:
         loop = asyncio.get_running_loop()
         if self._stub is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address, options=message_size_options())
+            # A gateway that restarts is dialled again within 2 s (gRPC's own backoff grows to 120 s).
+            options = [*message_size_options(), ("grpc.initial_reconnect_backoff_ms", 500),
+                       ("grpc.max_reconnect_backoff_ms", 2000)]
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
             self._stub = gateway_pb2_grpc.ChatStub(self._channel)
             self._loop = loop
         return self._stub

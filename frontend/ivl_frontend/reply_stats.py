@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.gateway.v1 import gateway_pb2
 
+GENERATING = "⏳ generating"  # the stats note's title while the reply streams
+STOPPED = "⏹ stopped"  # ... and after Stop (history_cleanup.py)
+
 FINISH_WORDS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length limit",
@@ -36,6 +39,13 @@ class ReplyStats:
         if final is not None:
             parts.append(f"{final.usage.decode_tokens_per_s:.1f} tokens/s")
         return " · ".join(parts) if parts else "no statistics"
+
+    def live_title(self) -> str:
+        """The title while the reply streams (status "pending"): kept, with "stopped", if Stop ends it."""
+        parts = [GENERATING]
+        if self.ttft_s is not None:
+            parts.append(f"TTFT {self.ttft_s:.2f} s")
+        return " · ".join(parts)
 
     def details(self) -> str:
         final = self.final

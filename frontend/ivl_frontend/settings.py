@@ -37,6 +37,19 @@ class FrontendSettings(BaseSettings):
     max_tiles: int = Field(default=12, ge=1, le=MAX_TILES_LIMIT)
     use_thumbnail: bool = True
     max_images_per_message: int = Field(default=8, ge=1, le=64)
+    # Tile previews: rendered in `preview_workers` sandboxed worker processes (never on the event loop; each
+    # with preview_memory_mb of address space), killed and given up after preview_timeout_s (the caption is
+    # shown without its picture), refused from the header above preview_max_pixels or preview_max_jpeg_scans
+    # (decode-time bombs), files deleted after preview_ttl_s.
+    preview_workers: int = Field(default=2, ge=1, le=32)
+    preview_timeout_s: float = Field(default=5.0, gt=0)
+    preview_memory_mb: int = Field(default=512, ge=64)
+    preview_max_pixels: int = Field(default=80_000_000, ge=1)
+    preview_max_jpeg_scans: int = Field(default=100, ge=1)
+    preview_ttl_s: float = Field(default=3600.0, gt=0)
+    # A streamed reply updates the page at most every stream_interval_s (deltas in between are merged):
+    # one update per token (~100/s from a fast model) froze the browser tab for tens of seconds.
+    stream_interval_s: float = Field(default=0.1, ge=0, le=2)
     title: str = "InternVL chat"
 
     @field_validator("auth")

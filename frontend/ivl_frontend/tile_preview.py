@@ -1,11 +1,8 @@
-"""Tile-grid previews: each image with the dynamic-tiling grid drawn on it, and a caption saying
-how it was cut (grid, tiles, thumbnail, visual tokens). Pure PIL, no model code."""
+"""Tile-grid previews: the dynamic-tiling grid drawn on an image, and a caption saying how it was cut
+(grid, tiles, thumbnail, visual tokens). Pure PIL, no model code; decoding untrusted bytes safely is
+preview_render.py's job, running it off the event loop preview_pool.py's."""
 
 from __future__ import annotations
-
-import hashlib
-import io
-from pathlib import Path
 
 from ivl_proto.common.v1 import common_pb2
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -52,20 +49,3 @@ def draw_grid(image: Image.Image, plan: common_pb2.ImagePlan, max_side: int = PR
                 draw.rectangle([box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2], fill=(0, 0, 0))
                 draw.text((x, y), label, fill=(255, 255, 255), font=font)
     return picture
-
-
-def preview(
-    path: str, plan: common_pb2.ImagePlan, out_dir: Path, index: int | None = None
-) -> tuple[str, str]:
-    """(PNG file of the picture with the grid, caption) for a gr.Gallery; the file is named by the
-    image's content and the plan, so repeated previews reuse it."""
-    data = Path(path).read_bytes()
-    key = hashlib.sha256(data + plan.SerializeToString(deterministic=True)).hexdigest()[:24]
-    target = out_dir / f"tiles-{key}.png"
-    if not target.exists():
-        with Image.open(io.BytesIO(data)) as image:
-            picture = draw_grid(image, plan)
-        partial = target.with_suffix(".tmp")
-        picture.save(partial, format="PNG")
-        partial.replace(target)
-    return str(target), plan_caption(plan, index)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from ivl_proto.request_context import install_request_id_logging
 from pydantic import ValidationError
 
 from ivl_gateway.server import serve
@@ -13,7 +14,7 @@ from ivl_gateway.settings import GatewaySettings
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_request_id_logging(logging.INFO)  # "[request id]" on every line
     try:
         settings = GatewaySettings()
     except ValidationError as error:

@@ -16,7 +16,11 @@ from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.gateway.v1 import gateway_pb2
 from ivl_proto.llm.v1 import llm_pb2
+from ivl_proto.request_context import request_id_client_interceptors
 from ivl_proto.tensor_wire import WireTensor
+from ivl_proto.tracing import client_interceptors, tracer_of
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_gateway.cache import EmbeddingCache
 from ivl_gateway.conversation import (
@@ -46,12 +50,18 @@ class Readiness:
 class ChatService:
     """Owns the downstream clients and the cache; `chat(turn)` streams gateway ChatResponse events."""
 
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self, settings: GatewaySettings, metrics: GatewayMetrics | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
+        self.tracer = tracer_of(tracer_provider, "ivl_gateway")
+        # every downstream call carries the request id and (when tracing) the trace context in its metadata
+        interceptors = [*client_interceptors(tracer_provider), *request_id_client_interceptors()]
         self.cache = EmbeddingCache(settings, self.metrics)
-        self.vision = VisionClient(settings, self.metrics)
-        self.llm = LLMClient(settings)
+        self.vision = VisionClient(settings, self.metrics, interceptors)
+        self.llm = LLMClient(settings, interceptors)
         self.resolver = EmbeddingResolver(settings, self.cache, self.vision, self.metrics)
         self.limits = TurnLimits(settings.max_images_per_request, settings.max_text_chars)
 
@@ -62,6 +72,7 @@ class ChatService:
     async def close(self) -> None:
         await self.vision.close()
         await self.llm.close()
+        await self.resolver.close()
         await self.cache.close()
 
     async def default_tiling(self) -> tuple[TilingChoice, int]:
@@ -82,7 +93,10 @@ class ChatService:
         outcome = "error"
         in_flight = self.metrics.in_flight.labels(api=api)
         in_flight.inc()
-        events = self._chat(turn, start)
+        span = self.tracer.start_span("ivl.gateway.chat", attributes={
+            "ivl.api": api, "ivl.request_id": turn.request_id, "ivl.messages": len(turn.messages),
+            **({"enduser.id": turn.user} if turn.user else {})})
+        events = self._chat(turn, start, span)
         try:
             async for event in events:
                 yield event
@@ -96,12 +110,24 @@ class ChatService:
         finally:
             in_flight.dec()
             await events.aclose()  # at once, not at garbage collection: cancels the LLM call of a closed stream
+            span.set_attribute("ivl.outcome", outcome)
+            if outcome not in ("ok", "cancelled"):
+                span.set_status(trace.StatusCode.ERROR, outcome)
+            span.end()
             self.metrics.requests.labels(api=api, outcome=outcome).inc()
             self.metrics.request_latency.labels(api=api).observe(time.perf_counter() - start)
 
-    async def _chat(self, turn: ChatTurn, start: float) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
+    async def _chat(
+        self, turn: ChatTurn, start: float, span: trace.Span
+    ) -> AsyncGenerator[gateway_pb2.ChatResponse, None]:
+        """The downstream calls are made with the turn's span current (trace.use_span around each call's start,
+        never across a yield), so their client spans and the services' server spans join its trace."""
         images = collect_images(turn, self.limits)
-        llm_info = await self.llm.info()
+        with trace.use_span(span, end_on_exit=False):
+            llm_info = await self.llm.info()
+        self.metrics.model_name = self.settings.model_name or llm_info.model_id
+        if turn.user:
+            log.info("chat turn %s for user %r", turn.request_id, turn.user)
         embeddings: list[WireTensor] = []
         hits = 0
         vision_s = 0.0
@@ -117,10 +143,13 @@ class ChatService:
             defaults, limit = await self.default_tiling()
             tiling = resolve_tiling(turn.tiling, defaults, limit)
             vision_start = time.perf_counter()
-            resolved = await self.resolver.resolve(
-                images, tiling, len(turn.messages) - 1, vision_info.fingerprint,
-                vision_info.hidden_size, llm_info.context_length,
-            )
+            with self.tracer.start_as_current_span("ivl.gateway.embeddings", context=trace.set_span_in_context(span),
+                                                   attributes={"ivl.images": len(images)}) as embeddings_span:
+                resolved = await self.resolver.resolve(
+                    images, tiling, len(turn.messages) - 1, vision_info.fingerprint,
+                    vision_info.hidden_size, llm_info.context_length,
+                )
+                embeddings_span.set_attribute("ivl.cache_hits", sum(item.cache_hit for item in resolved))
             vision_s = time.perf_counter() - vision_start
             for item in resolved:
                 hits += item.cache_hit
@@ -140,23 +169,31 @@ class ChatService:
             embeddings,
         )
         first_token_at: float | None = None
-        async for response in self.llm.generate(request):
+        last_token_at = 0.0
+        span.set_attributes({"ivl.images": len(images), "ivl.model": self.metrics.model_name})
+        finished = False
+        responses = self.llm.generate(request)
+        with trace.use_span(span, end_on_exit=False):  # the Generate call (and its client span) starts here
+            first = await anext(responses, None)
+        async for response in _prepend(first, responses):
             if response.HasField("delta"):
+                delta = response.delta
+                now = time.perf_counter()
                 if first_token_at is None:
-                    first_token_at = time.perf_counter()
+                    first_token_at = now
                     self.metrics.ttft.observe(first_token_at - start)
-                if response.delta.text:
-                    yield gateway_pb2.ChatResponse(delta=response.delta.text)
+                elif delta.tokens:
+                    self.metrics.observe_inter_token(now - last_token_at, delta.tokens)
+                last_token_at = now
+                if delta.text or delta.logprobs:
+                    yield gateway_pb2.ChatResponse(delta=delta.text, choice_index=delta.index, logprobs=delta.logprobs)
             elif response.HasField("final"):
                 usage = common_pb2.Usage()
                 usage.CopyFrom(response.final.usage)
                 now = time.perf_counter()
                 usage.total_s = now - start
                 usage.time_to_first_token_s = (first_token_at or now) - start
-                self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-                self.metrics.completion_tokens.inc(usage.completion_tokens)
-                if usage.decode_tokens_per_s > 0:
-                    self.metrics.tokens_per_s.observe(usage.decode_tokens_per_s)
+                self.metrics.observe_usage(usage)
                 yield gateway_pb2.ChatResponse(
                     final=gateway_pb2.Final(
                         finish_reason=response.final.finish_reason,
@@ -164,13 +201,16 @@ class ChatService:
                         images=len(images),
                         cache_hits=hits,
                         vision_s=vision_s,
+                        choice_finish_reasons=response.final.choice_finish_reasons,
                     )
                 )
-                return
-        raise ServingError(ErrorCode.UNAVAILABLE, "the LLM service ended the stream without a final message")
+                finished = True  # read on to the stream's end (right after Final): the call ends cleanly, its span too
+        if not finished:
+            raise ServingError(ErrorCode.UNAVAILABLE, "the LLM service ended the stream without a final message")
 
     async def readiness(self) -> Readiness:
-        """Vision and LLM reachable and compatible (same hidden size); Redis state reported."""
+        """Vision and LLM reachable, each service's replicas agreeing on their model, and compatible (same
+        hidden size); every replica's answer and the Redis state reported."""
         detail: dict[str, object] = {}
         ready = True
         vision_hidden = llm_hidden = None
@@ -193,8 +233,22 @@ class ChatService:
             detail["compatible"] = f"vision width {vision_hidden} != LLM hidden size {llm_hidden}"
         else:
             detail["compatible"] = ready
+        detail["vision"]["replicas"] = self.vision.replicas.describe()  # type: ignore[index]
+        detail["llm"]["replicas"] = self.llm.replicas.describe()  # type: ignore[index]
         if self.cache.enabled:
             detail["redis"] = "ok" if await self.cache.ping() else "down (serving uncached)"
         else:
             detail["redis"] = "disabled"
         return Readiness(ready, detail)
+
+
+async def _prepend(
+    first: llm_pb2.GenerateResponse | None, rest: AsyncGenerator[llm_pb2.GenerateResponse, None]
+) -> AsyncGenerator[llm_pb2.GenerateResponse, None]:
+    try:
+        if first is not None:
+            yield first
+            async for item in rest:
+                yield item
+    finally:
+        await rest.aclose()

@@ -33,12 +33,20 @@ ROLE_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class ImagePart:
+    """An image with tiling options of its own (the OpenAI `detail`); unset fields: the request's."""
+
+    data: bytes
+    tiling: common_pb2.TilingOptions | None = None
+
+
 @dataclass
 class ChatMessage:
-    """One message; `parts` are text strings and image bytes, in order."""
+    """One message; `parts` are text strings and images (bytes, or ImagePart with own tiling), in order."""
 
     role: int  # common_pb2.Role
-    parts: list[str | bytes] = field(default_factory=list)
+    parts: list[str | bytes | ImagePart] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class ChatImage:
     data: bytes
     message_index: int
     image_index: int  # among all images of the request
+    tiling: common_pb2.TilingOptions | None = None  # this image's own options (over the request's)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class ChatTurn:
     sampling: common_pb2.SamplingParams
     tiling: common_pb2.TilingOptions
     request_id: str = ""
+    user: str = ""  # the OpenAI `user` (an end-user id): on the turn's log line and trace span
 
 
 @dataclass(frozen=True)
@@ -79,12 +89,15 @@ def collect_images(turn: ChatTurn, limits: TurnLimits) -> list[ChatImage]:
         if message.role == common_pb2.ROLE_SYSTEM and m_index != 0:
             raise invalid(f"message {m_index}: a system message is only allowed first")
         for part in message.parts:
-            if isinstance(part, bytes):
+            if isinstance(part, bytes | ImagePart):
+                data, own = (part.data, part.tiling) if isinstance(part, ImagePart) else (part, None)
                 if message.role != common_pb2.ROLE_USER:
                     raise invalid(f"message {m_index}: images are only allowed in user messages")
-                if not part:
+                if not data:
                     raise invalid(f"message {m_index}: image {len(images)} is empty (0 bytes)")
-                images.append(ChatImage(part, m_index, len(images)))
+                if own is not None:
+                    check_tiling_options(own)
+                images.append(ChatImage(data, m_index, len(images), own))
             else:
                 found = _SURROGATE.search(part)
                 if found is not None:
@@ -113,7 +126,7 @@ def llm_messages(turn: ChatTurn, total_images: int) -> list[llm_pb2.Message]:
         prefix: list[str] = []
         texts: list[str] = []
         for part in message.parts:
-            if isinstance(part, bytes):
+            if isinstance(part, bytes | ImagePart):
                 counter += 1
                 prefix.append(f"{PLACEHOLDER}\n" if total_images == 1 else f"Image-{counter}: {PLACEHOLDER}\n")
             else:
@@ -175,7 +188,8 @@ def budget(tiling: TilingChoice, images_in_message: int) -> TilingChoice:
 def tiling_per_image(
     images: list[ChatImage], tiling: TilingChoice, remembered: list[TilingChoice | None], latest: int
 ) -> list[TilingChoice]:
-    """The tiling of each image: budget rule for message `latest`, remembered settings before it."""
+    """The tiling of each image: budget rule for message `latest`, remembered settings before it; an image with
+    options of its own (OpenAI `detail`) gets them over the request's, outside the budget rule."""
     per_message: dict[int, int] = {}
     for image in images:
         per_message[image.message_index] = per_message.get(image.message_index, 0) + 1
@@ -183,6 +197,8 @@ def tiling_per_image(
     for image, memory in zip(images, remembered, strict=True):
         if image.message_index != latest and memory is not None:
             choices.append(memory)
+        elif image.tiling is not None:
+            choices.append(resolve_tiling(image.tiling, tiling, MAX_TILES_LIMIT))
         else:
             choices.append(budget(tiling, per_message[image.message_index]))
     return choices

@@ -76,9 +76,15 @@ def image_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def image_tag(fingerprint: str, digest: str) -> str:
+    """`{<vision fingerprint>:<sha256>}`: the Redis Cluster hash tag of every key about one image of one
+    model (its embeddings, tiling memory and encode lock share a slot)."""
+    return f"{{{fingerprint}:{digest}}}"
+
+
 def cache_key(namespace: str, fingerprint: str, digest: str, tiling: TilingChoice) -> str:
-    """`<namespace>:<vision fingerprint>:<sha256 of the image bytes>:<tiling tag>`."""
-    return f"{namespace}:{fingerprint}:{digest}:{tiling.tag()}"
+    """`<namespace>:{<vision fingerprint>:<sha256 of the image bytes>}:<tiling tag>`."""
+    return f"{namespace}:{image_tag(fingerprint, digest)}:{tiling.tag()}"
 
 
 def _key_digest(key: str) -> bytes:

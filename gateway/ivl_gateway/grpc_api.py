@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +12,11 @@ from google.protobuf.message import DecodeError
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.request_context import REQUEST_ID, REQUEST_ID_METADATA_KEY
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.chat import ChatService
-from ivl_gateway.conversation import ChatMessage, ChatTurn, resolve_tiling
+from ivl_gateway.conversation import ChatMessage, ChatTurn, ImagePart, budget, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
@@ -71,13 +73,14 @@ def add_chat_servicer(servicer: ChatServicer, server: grpc.aio.Server) -> None:
 def turn_from_pb(request: gateway_pb2.ChatRequest) -> ChatTurn:
     messages: list[ChatMessage] = []
     for message in request.messages:
-        parts: list[str | bytes] = []
+        parts: list[str | bytes | ImagePart] = []
         for part in message.content:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append(part.text)
             elif kind == "image":
-                parts.append(bytes(part.image.data))
+                own = part.image.tiling if part.image.HasField("tiling") else None
+                parts.append(ImagePart(bytes(part.image.data), own))
         messages.append(ChatMessage(role=message.role, parts=parts))
     return ChatTurn(messages=messages, sampling=request.sampling, tiling=request.tiling, request_id=request.request_id)
 
@@ -110,7 +113,12 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
         _require_decoded(request)
         self._authorize(context)
         self._check_size(request)
-        stream = self._service.chat(turn_from_pb(request), api="grpc")
+        turn = turn_from_pb(request)
+        offered = {k.lower(): v for k, v in (context.invocation_metadata() or ())}.get(REQUEST_ID_METADATA_KEY)
+        turn.request_id = turn.request_id or (offered if isinstance(offered, str) and offered else "") or \
+            f"chat-{uuid.uuid4().hex[:24]}"
+        REQUEST_ID.set(turn.request_id)  # this call's task: its log lines and downstream metadata carry it
+        stream = self._service.chat(turn, api="grpc")
         try:
             async for event in stream:
                 yield event
@@ -132,7 +140,9 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                 f"{self._service.settings.max_images_per_request} images per request"
             )
         defaults, limit = await self._service.default_tiling()
-        tiling = resolve_tiling(request.tiling, defaults, limit)
+        # The images are planned as ONE chat message would use them: they share max_tiles (the same
+        # budget rule as conversation.tiling_per_image), so a preview shows the tiles really used.
+        tiling = budget(resolve_tiling(request.tiling, defaults, limit), len(request.images))
         plans = await self._service.vision.plan([(bytes(i.data), tiling) for i in request.images])
         info = await self._service.vision.info()
         return gateway_pb2.PlanImagesResponse(plans=plans, tokens_per_tile=info.tokens_per_tile)

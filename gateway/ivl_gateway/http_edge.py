@@ -26,13 +26,14 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.request_context import bound_request_id
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ivl_gateway.auth import ApiKeys
 from ivl_gateway.edge_state import EdgeState
 from ivl_gateway.http_guard import EDGE_STATUS_KEY
-from ivl_gateway.openai_schema import error_body
+from ivl_gateway.openai_response import error_body
 from ivl_gateway.rate_limit import RateLimited, client_identity
 from ivl_gateway.request_budget import BudgetFull
 
@@ -87,8 +88,13 @@ class AccessLogMiddleware:
                 state["sent"] += len(message.get("body", b""))
             await send(message)
 
+        with bound_request_id(rid):  # every log line of this request (this one too) and its downstream calls
+            await self._logged(scope, receive, send_logged, headers, state, rid, start)
+
+    async def _logged(self, scope: Scope, receive: Receive, send: Send, headers: Headers, state: dict[str, int],
+                      rid: str, start: float) -> None:
         try:
-            await self.app(scope, receive, send_logged)
+            await self.app(scope, receive, send)
         finally:
             if self.enabled:
                 status = scope.get(EDGE_STATUS_KEY) or state["status"] or 499

@@ -10,9 +10,10 @@ connection:
 - a body deadline: no body bytes for `http_body_idle_timeout_s`, a rate under `http_min_body_rate_bytes_s`
   after `http_body_rate_grace_s`, or the whole body over `http_body_timeout_s` -> 408 and close;
 - a cap of `http_max_connections` open connections: at the cap an idle connection (no request in progress)
-  is closed to make room — first those that never sent a request (the idle sockets of a flood), oldest
-  first, and only then kept-alive ones of clients that were served — and when none is idle the new one
-  gets 503 + Retry-After;
+  is closed to make room — first one picked at random among those that have sent nothing yet (in a flood
+  of idle sockets that is almost surely one of them, whereas "the oldest" would pick a real client that
+  connected just before the flood), then those with part of a request, then kept-alive ones of clients
+  that were served, oldest first — and when none is idle the new one gets 503 + Retry-After;
 - a keep-alive reuse limit (`http_max_requests_per_connection`: the last response says `Connection: close`).
 
 Everything else (parsing, header size via h11_max_incomplete_event_size, idle keep-alive via
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -87,6 +89,7 @@ class ConnectionGuard:
         self._fresh: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle, no request yet
         self._kept: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle between requests
         self._busy: set[GuardedH11Protocol] = set()
+        self._random = random.Random()
         self._gauge = connections
         self._closed = closed
         self._throttle = throttle
@@ -106,13 +109,23 @@ class ConnectionGuard:
                             "request in progress: refusing new connections with 503", self.limits.max_connections,
                             level=logging.WARNING)
                 return False
-            victim, _ = (self._fresh or self._kept).popitem(last=False)
+            victim = self._victim()
             self.closed("evicted_idle", "HTTP connection cap (%d) reached: closing the connections idle the "
                         "longest to make room", self.limits.max_connections, level=logging.WARNING)
             victim.close_idle()
         self._fresh[conn] = None
         self._report()
         return True
+
+    def _victim(self) -> GuardedH11Protocol:
+        """The idle connection to close at the cap (see the module docstring), taken out of its set."""
+        silent = [conn for conn in self._fresh if conn.silent]
+        if silent:
+            victim = self._random.choice(silent)
+            del self._fresh[victim]
+            return victim
+        victim, _ = (self._fresh or self._kept).popitem(last=False)
+        return victim
 
     def mark_idle(self, conn: GuardedH11Protocol, served: bool) -> None:
         self._busy.discard(conn)
@@ -236,6 +249,11 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self.guard.closed("idle_timeout", "closed HTTP connections that sent nothing for %g s", timeout)
         self._close()
+
+    @property
+    def silent(self) -> bool:
+        """Idle and nothing received on this connection yet."""
+        return self._phase == "idle" and self._requests == 0 and self._phase_bytes == 0
 
     def close_idle(self) -> None:
         """Closed by the guard to make room (this connection has no request in progress)."""

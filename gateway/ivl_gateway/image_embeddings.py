@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 from ivl_proto.common.v1 import common_pb2
@@ -20,6 +21,7 @@ from ivl_proto.image_budget import ImageBudget, PlannedImage, check_images
 from ivl_gateway.cache import EmbeddingCache
 from ivl_gateway.conversation import ChatImage, tiling_per_image
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice, image_digest
+from ivl_gateway.encode_lock import Claim, EncodeLocks
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import GatewaySettings
 from ivl_gateway.singleflight import SingleFlight
@@ -88,7 +90,9 @@ class _SharedEncode:
 class EmbeddingResolver:
     """Resolves each image to its embedding: Redis first, then one EncodeImages call for the misses.
 
-    Misses already being encoded for another request are awaited, not encoded again (single flight).
+    Misses already being encoded for another request are awaited, not encoded again (single flight), in
+    this process (singleflight.py) and across the gateway processes sharing Redis (encode_lock.py: the
+    owner here waits for another gateway's encode when that one holds the image's lock).
     The encode runs as a task of its own that every request needing one of its images holds an interest
     in: a client that goes away leaves it to the others, and when the last one has gone the encode is
     cancelled, which cancels the EncodeImages call and kills its decodes in the vision service (a
@@ -104,6 +108,7 @@ class EmbeddingResolver:
         self._metrics = metrics
         self._flight: SingleFlight[str, tuple[ImageEmbedding, float]] = SingleFlight()
         self._encodes: dict[str, _SharedEncode] = {}  # image key -> the encode that is making it
+        self._locks = EncodeLocks(settings, cache.store, metrics)  # the same across gateway processes
 
     async def resolve(
         self,
@@ -192,8 +197,10 @@ class EmbeddingResolver:
     async def _encode_owned(
         self, jobs: list[_Job], fingerprint: str, hidden_size: int, budget: ImageBudget
     ) -> dict[str, tuple[ImageEmbedding, float]]:
+        """The task making this process's owned misses: resolves or fails each of them for every request
+        here that waits for it."""
         try:
-            encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs], budget)
+            results = await self._encode_across_gateways(jobs, fingerprint, hidden_size, budget)
         except BaseException as error:
             failure = _about_failed_image(error, jobs)
             if isinstance(error, asyncio.CancelledError):  # every request that wanted it left: a latecomer retries
@@ -203,26 +210,73 @@ class EmbeddingResolver:
             if failure is error or isinstance(error, asyncio.CancelledError):
                 raise
             raise failure from None
+        for job in jobs:
+            self._flight.resolve(job.key, results[job.key])
+        return results
+
+    async def _encode_across_gateways(
+        self, jobs: list[_Job], fingerprint: str, hidden_size: int, budget: ImageBudget
+    ) -> dict[str, tuple[ImageEmbedding, float]]:
+        """One encode per image across every gateway sharing this Redis (encode_lock.py): the images whose
+        lock this gateway gets are encoded here, in one call; the others are awaited, and encoded here
+        after all if their holder gives up or dies."""
+        results: dict[str, tuple[ImageEmbedding, float]] = {}
+        pending = {job.key: job for job in jobs}
+        while pending:
+            claims = await self._locks.claim(list(pending))
+            mine = [pending[k] for k, claim in claims.items() if claim is Claim.MINE]
+            others = [k for k, claim in claims.items() if claim is not Claim.MINE]
+            started = time.perf_counter()
+            waiting = asyncio.create_task(self._locks.wait(others)) if others else None
+            try:
+                if mine:
+                    async with self._locks.held([job.key for job in mine], claims):
+                        results.update(await self._encode(mine, fingerprint, hidden_size, budget))
+                found, free = await waiting if waiting is not None else ({}, [])
+            finally:
+                if waiting is not None:
+                    waiting.cancel()
+            waited = time.perf_counter() - started
+            for key, value in found.items():
+                embedding = self._cache.decode(key, value, hidden_size)
+                if embedding is None:  # corrupt or of another width: deleted, then made here
+                    await self._cache.store.delete(key)
+                    free.append(key)
+                else:
+                    results[key] = (embedding, waited)
+            pending = {key: pending[key] for key in free}
+        return results
+
+    async def _encode(
+        self, jobs: list[_Job], fingerprint: str, hidden_size: int, budget: ImageBudget
+    ) -> dict[str, tuple[ImageEmbedding, float]]:
+        """One EncodeImages call for `jobs`; the embeddings are stored before this returns."""
+        encoded = await self._vision.encode([(job.data, job.tiling) for job in jobs], budget)
         results: dict[str, tuple[ImageEmbedding, float]] = {}
         for job, embedding in zip(jobs, encoded.embeddings, strict=True):
             if embedding.shape[-1] != hidden_size:
-                error = ServingError(
+                raise ServingError(
                     ErrorCode.FAILED_PRECONDITION,
                     f"the vision service returned embeddings of width {embedding.shape[-1]}; "
                     f"the LLM's hidden size is {hidden_size}: they are not the same model",
                 )
-                for j in jobs:
-                    self._flight.fail(j.key, error)
-                raise error
             results[job.key] = (embedding, encoded.seconds)
         if encoded.fingerprint and encoded.fingerprint != fingerprint:
-            log.warning("vision replica %s has fingerprint %s, expected %s; caching under its own",
-                        encoded.replica, encoded.fingerprint, fingerprint)
-            self._vision.forget_info()
-        store_fp = encoded.fingerprint or fingerprint
+            # A replica of another model answered (a rollout, or a replica restarted with other weights): its
+            # embeddings are kept under its own fingerprint, but never mixed into this request.
+            await self._cache.put_many(
+                [(self._cache.key(encoded.fingerprint, job.digest, job.tiling), results[job.key][0]) for job in jobs])
+            self._vision.recheck()
+            raise ServingError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"a vision replica answered with model fingerprint {encoded.fingerprint[:12]}, not "
+                f"{fingerprint[:12]} as the other replicas: the gateway does not mix models; it is checking "
+                "the replicas again, retry in a few seconds",
+            )
         await self._cache.put_many(
-            [(self._cache.key(store_fp, job.digest, job.tiling), results[job.key][0]) for job in jobs]
+            [(self._cache.key(fingerprint, job.digest, job.tiling), results[job.key][0]) for job in jobs]
         )
-        for job in jobs:
-            self._flight.resolve(job.key, results[job.key])
         return results
+
+    async def close(self) -> None:
+        await self._locks.close()

@@ -1,197 +1,259 @@
-"""A pool of downstream replicas: one channel each, health-aware round robin per request.
+"""The replicas of one downstream service: one balanced grpc channel, and a watch on what grpc cannot see.
 
-Targets are "host:port" entries or "dns:NAME:PORT" (re-resolved every `dns_refresh_s`, one replica per
-address). A background task checks grpc.health.v1 of every replica; a call that fails with UNAVAILABLE
-marks its replica down for `replica_backoff_s` and moves on to the next one. When every replica is
-down, calls still try them (so the pool recovers on its own as soon as a service is back).
+grpc does the balancing (the service config below): round robin over every address; client-side health
+checking (grpc.health.v1 Watch: a replica NOT_SERVING, still loading or unreachable gets no calls, and
+gets them again the moment it says SERVING); calls that fail UNAVAILABLE before any response are retried
+on the next replica (`retryPolicy`; a streaming Generate only until its first message, grpc commits a
+call when the response starts); reconnect backoff of a replica that went away (`replica_backoff_s` at most).
+
+By hand, what grpc does not do:
+- Notice new addresses. grpc's DNS resolver re-resolves only after a connection fails, never on a timer
+  (grpc/grpc#12295), so a replica added to a headless Service would get no calls. Every `dns_refresh_s`
+  the targets are resolved here; when the set of addresses changes a new channel takes the new calls
+  and the old one is closed with a grace period: its running calls finish.
+- Read each replica's Info, over a small channel of its own, and refuse replicas that disagree on
+  `identity` (the vision fingerprint; the LLM's model, template, hidden size and context): the gateway's
+  cache keys and prompts belong to one model, so mixing replicas of two models would depend on which
+  one answered. `agreed_info()` raises FAILED_PRECONDITION naming the replicas and what differs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import json
 import logging
-import socket
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ivl_proto.errors import ErrorCode, ServingError, from_grpc_error
+from google.protobuf.message import Message
+from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.internal_auth import token_client_interceptors
 
+from ivl_gateway.replica_targets import Target, channel_target, parse_target, resolve_all
+from ivl_gateway.settings import GatewaySettings
+
 log = logging.getLogger(__name__)
+InfoT = TypeVar("InfoT", bound=Message)
+Identity = Callable[[Any], tuple[tuple[str, object], ...]]
 
 
-class Replica:
-    """One downstream address with its channel, stub and health state."""
-
-    def __init__(
-        self, address: str, stub_factory: Callable[[grpc.aio.Channel], Any], max_bytes: int, token: str = ""
-    ) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=message_size_options(max_bytes),
-                                                 interceptors=token_client_interceptors(token) or None)
-        self.stub = stub_factory(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.healthy = True
-        self.down_until = 0.0
-        self.info: Any = None  # the replica's last Info response (set by the clients)
-
-    def usable(self, now: float) -> bool:
-        return self.healthy and now >= self.down_until
-
-    async def close(self) -> None:
-        await self.channel.close()
+def service_config(service: str, attempts: int) -> dict[str, Any]:
+    """round_robin + grpc.health.v1 health checking + retries of UNAVAILABLE for every method of `service`."""
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [{
+            "name": [{"service": service}],
+            "retryPolicy": {
+                "maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+        # No retry storms: retries stop while more than half of the recent calls fail (gRFC A6).
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
 
 
-async def _resolve(target: str) -> list[str]:
-    if not target.startswith("dns:"):
-        return [target]
-    name, _, port = target[4:].lstrip("/").rpartition(":")
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
-    except OSError as error:
-        log.warning("could not resolve %s: %s", target, error)
-        return []
-    addresses = []
-    for family, _, _, _, sockaddr in infos:
-        host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
-        addresses.append(f"{host}:{sockaddr[1]}")
-    return sorted(set(addresses))
+def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, Any]]:
+    backoff_ms = int(settings.replica_backoff_s * 1000)
+    return [
+        *message_size_options(settings.max_message_bytes),
+        ("grpc.service_config", json.dumps(service_config(service, settings.replica_attempts))),
+        ("grpc.service_config_disable_resolution", 1),  # ours only, never one from DNS TXT records
+        ("grpc.enable_retries", 1),
+        # A call is retried only while grpc still holds what it sent: up to a whole message (an EncodeImages
+        # request carries the images, a Generate request the embeddings). grpc's default is 256 KiB.
+        ("grpc.per_rpc_retry_buffer_size", settings.max_message_bytes),
+        ("grpc.retry_buffer_size", 2 * settings.max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+        ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
+        ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 100)),
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
+    ]
 
 
-class ReplicaPool:
+@dataclass(frozen=True)
+class ReplicaState:
+    address: str
+    info: Any = None  # the last Info it answered (None: never)
+    error: str = ""  # why the latest read failed ("" when it answered)
+
+    @property
+    def answered(self) -> bool:
+        """It answered the latest read."""
+        return self.info is not None and not self.error
+
+
+class ReplicaSet(Generic[InfoT]):
+    """`channel` balances every call of one service; `agreed_info()` is the Info all its replicas share."""
+
     def __init__(
         self,
         service: str,
-        targets: list[str],
-        stub_factory: Callable[[grpc.aio.Channel], Any],
-        *,
-        health_interval_s: float,
-        backoff_s: float,
-        dns_refresh_s: float,
-        max_message_bytes: int,
-        on_change: Callable[[Replica], Any] | None = None,
-        token: str = "",
+        grpc_service: str,
+        entries: Sequence[str],
+        settings: GatewaySettings,
+        fetch_info: Callable[[grpc.aio.Channel], Awaitable[InfoT]],
+        identity: Identity,
+        drain_s: float,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.service = service
-        self._targets = targets
-        self._stub_factory = stub_factory
-        self._health_interval_s = health_interval_s
-        self._backoff_s = backoff_s
-        self._dns_refresh_s = dns_refresh_s
-        self._max_bytes = max_message_bytes
-        self._on_change = on_change
-        self._token = token  # internal token sent to every replica (their auth_token)
-        self._replicas: dict[str, Replica] = {}
-        self._counters: dict[str, itertools.count[int]] = {}
+        self._targets: list[Target] = [parse_target(e) for e in entries]
+        self._settings = settings
+        self._options = channel_options(settings, grpc_service)
+        # the internal token, then the caller's (request id + trace context metadata) on every call
+        self._interceptors = [*token_client_interceptors(settings.internal_token), *interceptors] or None
+        self._fetch_info = fetch_info
+        self._identity = identity
+        self._drain_s = drain_s  # the longest a call of this service may run (closing an old channel waits that long)
+        self._addresses: list[str] = []
+        self._states: dict[str, ReplicaState] = {}
+        self._info_channels: dict[str, grpc.aio.Channel] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self.target = ""
         self._task: asyncio.Task[None] | None = None
-        self._last_resolve = 0.0
+        self._wake = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._refresh_lock = asyncio.Lock()
+        self._last_verdict = ""
 
     @property
-    def replicas(self) -> list[Replica]:
-        return list(self._replicas.values())
+    def channel(self) -> grpc.aio.Channel:
+        assert self._channel is not None, "ReplicaSet.start() first"
+        return self._channel
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
+
+    @property
+    def states(self) -> list[ReplicaState]:
+        return [self._states.get(a, ReplicaState(a)) for a in self._addresses]
 
     async def start(self) -> None:
-        await self._refresh_addresses()
-        self._task = asyncio.create_task(self._monitor(), name=f"{self.service}-health")
+        await self.refresh()
+        self._task = asyncio.create_task(self._watch(), name=f"{self.service}-replicas")
 
-    async def _refresh_addresses(self) -> None:
-        wanted: list[str] = []
-        for target in self._targets:
-            wanted.extend(await _resolve(target))
-        for address in wanted:
-            if address not in self._replicas:
-                self._replicas[address] = Replica(address, self._stub_factory, self._max_bytes, self._token)
-        for address in [a for a in self._replicas if a not in wanted]:
-            if any(t.startswith("dns:") for t in self._targets):
-                await self._replicas.pop(address).close()
-        self._last_resolve = time.monotonic()
+    def recheck(self) -> None:
+        """Resolve and read every replica's Info now (e.g. an answer came from an unexpected model)."""
+        self._wake.set()
 
-    def ordered(self, method: str = "") -> list[Replica]:
-        """All replicas for one call: round robin start (one rotation per method, so that a request's
-        PlanImages and EncodeImages calls don't lock into alternating replicas), usable ones first."""
-        replicas = self.replicas
-        if not replicas:
-            return []
-        counter = self._counters.setdefault(method, itertools.count())
-        start = next(counter) % len(replicas)
-        rotated = replicas[start:] + replicas[:start]
-        now = time.monotonic()
-        return [r for r in rotated if r.usable(now)] + [r for r in rotated if not r.usable(now)]
+    async def refresh(self) -> None:
+        """Resolve the targets (a new channel when the addresses changed), then Info from every replica."""
+        async with self._refresh_lock:
+            addresses = await resolve_all(self._targets)
+            if not addresses and self._channel is not None:
+                # A name that resolves to nothing now (a DNS hiccup, or every pod gone): keep the channel
+                # and its connections; grpc's own resolver and health checks say whether anything answers.
+                addresses = self._addresses
+            target = channel_target(self._targets, addresses)
+            if self._channel is None or target != self.target or addresses != self._addresses:
+                self._use_channel(target, addresses)
+            for gone in [a for a in self._info_channels if a not in addresses]:
+                self._close_later(self._info_channels.pop(gone), 0)
+                self._states.pop(gone, None)
+            states = await asyncio.gather(*(self._read_info(a) for a in addresses))
+            self._states = {s.address: s for s in states}
+            self._log_verdict()
 
-    def mark_down(self, replica: Replica, reason: str) -> None:
-        if replica.healthy:
-            log.warning("%s replica %s is down: %s", self.service, replica.address, reason)
-        replica.healthy = False
-        replica.down_until = time.monotonic() + self._backoff_s
+    def _use_channel(self, target: str, addresses: list[str]) -> None:
+        if self._channel is not None:
+            log.info("%s replicas now %s (were %s): new calls take a new channel, running ones finish",
+                     self.service, ", ".join(addresses) or "none", ", ".join(self._addresses) or "none")
+            self._close_later(self._channel, self._drain_s)
+        self._channel = grpc.aio.insecure_channel(target, options=self._options, interceptors=self._interceptors)
+        self._channel.get_state(try_to_connect=True)  # connect (and start watching health) before the first call
+        self.target, self._addresses = target, addresses
 
-    def mark_up(self, replica: Replica) -> None:
-        if not replica.healthy:
-            log.info("%s replica %s is back", self.service, replica.address)
-        replica.healthy = True
-        replica.down_until = 0.0
+    def _close_later(self, channel: grpc.aio.Channel, grace_s: float) -> None:
+        task = asyncio.create_task(channel.close(grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
-    async def check(self, replica: Replica) -> bool:
+    async def _read_info(self, address: str) -> ReplicaState:
+        channel = self._info_channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address, options=message_size_options(self._settings.max_message_bytes),
+                interceptors=self._interceptors)
+            self._info_channels[address] = channel
         try:
-            reply = await replica.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-        except grpc.RpcError as error:
-            self.mark_down(replica, f"health check failed: {error.code().name}")
-            return False
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            self.mark_down(replica, "health says NOT_SERVING")
-            return False
-        was_down = not replica.healthy or replica.info is None
-        self.mark_up(replica)
-        if was_down and self._on_change is not None:
-            with contextlib.suppress(Exception):
-                await self._on_change(replica)
-        return True
+            return ReplicaState(address, await self._fetch_info(channel))
+        except grpc.aio.AioRpcError as error:  # keeps what it answered before (a slow or frozen replica)
+            last = self._states.get(address)
+            return ReplicaState(address, last.info if last else None, f"{error.code().name}: {error.details()}")
 
-    async def _monitor(self) -> None:
+    def _groups(self) -> dict[tuple[tuple[str, object], ...], list[str]]:
+        groups: dict[tuple[tuple[str, object], ...], list[str]] = {}
+        for state in self.states:
+            if state.answered:
+                groups.setdefault(self._identity(state.info), []).append(state.address)
+        return groups
+
+    def answering(self) -> bool:
+        """Some replica answered the latest read of its Info."""
+        return any(state.answered for state in self.states)
+
+    def mismatch(self) -> str:
+        """'' when every replica that answered the latest read runs the same model, else what differs where."""
+        groups = self._groups()
+        if len(groups) < 2:
+            return ""
+        described = "; ".join(
+            f"{', '.join(f'{k}={v}' for k, v in identity)} at {', '.join(addresses)}"
+            for identity, addresses in groups.items()
+        )
+        return (f"the {self.service} replicas run different models ({described}); the gateway does not mix "
+                f"replicas of different models: make them the same (finish or roll back the rollout)")
+
+    def agreed_info(self) -> InfoT | None:
+        """The Info the replicas that answered the latest read share (when none did: the last one any of them
+        answered; a replica that is slow to answer its Info is still the same model); None when none ever
+        answered; ServingError when the answering ones disagree."""
+        problem = self.mismatch()
+        if problem:
+            raise ServingError(ErrorCode.FAILED_PRECONDITION, problem)
+        answered = [s.info for s in self.states if s.answered] or [s.info for s in self.states if s.info is not None]
+        return answered[-1] if answered else None
+
+    def describe(self) -> dict[str, str]:
+        """Each replica address and what it answered, for /ready."""
+        out: dict[str, str] = {}
+        for state in self.states:
+            if state.answered:
+                out[state.address] = ", ".join(f"{k}={v}" for k, v in self._identity(state.info))
+            else:
+                out[state.address] = f"no Info: {state.error or 'not read yet'}"
+        return out
+
+    def _log_verdict(self) -> None:
+        verdict = self.mismatch()
+        if verdict != self._last_verdict:
+            if verdict:
+                log.error("%s", verdict)
+            elif self._last_verdict:
+                log.warning("the %s replicas agree again", self.service)
+            self._last_verdict = verdict
+
+    async def _watch(self) -> None:
         while True:
-            if any(t.startswith("dns:") for t in self._targets) and (
-                time.monotonic() - self._last_resolve >= self._dns_refresh_s
-            ):
-                await self._refresh_addresses()
-            await asyncio.gather(*(self.check(r) for r in self.replicas), return_exceptions=True)
-            await asyncio.sleep(self._health_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._settings.dns_refresh_s)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception:  # never let the watch die; the next round tries again
+                log.exception("refreshing the %s replicas failed", self.service)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for replica in self.replicas:
-            await replica.close()
-
-
-async def call_unary(pool: ReplicaPool, method: str, request: Any, timeout: float) -> tuple[Any, Replica]:
-    """Call `method` on the next usable replica; UNAVAILABLE moves on to the next one."""
-    tried: list[str] = []
-    for replica in pool.ordered(method):
-        try:
-            response = await getattr(replica.stub, method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            if error.code() is grpc.StatusCode.UNAVAILABLE:
-                pool.mark_down(replica, error.details() or "unavailable")
-                tried.append(f"{replica.address}: {error.details()}")
-                continue
-            raise from_grpc_error(error, pool.service) from error
-        pool.mark_up(replica)
-        return response, replica
-    raise no_replica_error(pool, tried)
-
-
-def no_replica_error(pool: ReplicaPool, tried: list[str]) -> ServingError:
-    if not tried:
-        return ServingError(ErrorCode.UNAVAILABLE, f"the {pool.service} service has no replica address")
-    return ServingError(
-        ErrorCode.UNAVAILABLE,
-        f"the {pool.service} service is unavailable ({len(tried)} replica(s) tried: {'; '.join(tried)})",
-    )
+        channels = [c for c in (self._channel, *self._info_channels.values()) if c is not None]
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)

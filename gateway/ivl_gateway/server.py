@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 
 import uvicorn
+from ivl_proto import tracing
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
     bind,
@@ -23,6 +24,7 @@ from ivl_proto.grpc_runtime import (
     set_serving,
     wait_for_stop_signal,
 )
+from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_gateway.chat import ChatService
 from ivl_gateway.edge_state import EdgeState
@@ -46,10 +48,11 @@ class BoundPorts:
 class Gateway:
     """Build with `build_gateway(settings)`; `await start()` binds both ports (0 = free ones)."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
-        self.metrics = GatewayMetrics()
-        self.chat_service = ChatService(settings, self.metrics)
+        self.metrics = GatewayMetrics(settings.model_name)
+        self.tracer_provider = tracer_provider or tracing.tracer_provider("ivl-gateway", settings.otlp_traces_endpoint)
+        self.chat_service = ChatService(settings, self.metrics, self.tracer_provider)
         self.edges = EdgeState.build(settings, self.metrics)
         self.app = build_app(settings, self.chat_service, self.edges)
         self.guard = ConnectionGuard(GuardLimits.from_settings(settings), self.metrics.http_connections,
@@ -119,6 +122,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._http_task, timeout=grace + 3)
         await graceful_stop(self._grpc, self._health, grace, self.chat_service.close)
+        tracing.shutdown(self.tracer_provider)
 
 
 def grpc_edge_options(settings: GatewaySettings) -> list[tuple[str, int]]:
@@ -133,8 +137,8 @@ def grpc_edge_options(settings: GatewaySettings) -> list[tuple[str, int]]:
     ]
 
 
-def build_gateway(settings: GatewaySettings) -> Gateway:
-    return Gateway(settings)
+def build_gateway(settings: GatewaySettings, tracer_provider: TracerProvider | None = None) -> Gateway:
+    return Gateway(settings, tracer_provider)
 
 
 async def serve(settings: GatewaySettings) -> None:

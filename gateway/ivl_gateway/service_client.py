@@ -1,67 +1,101 @@
-"""What the vision and LLM clients share: a ReplicaPool of one service and its Info, cached.
+"""What the vision and LLM clients share: the service's ReplicaSet, its Info, and the one place where
+downstream calls are made (`unary`, `stream`: per-call metadata, deadlines and error mapping go here).
 
-Info is fetched once, again whenever the pool (re)connects a replica (its `on_change`), and on demand
-(`info(refresh=True)`, or after `forget_info()`).
+Info comes from the replica watch (every replica's own Info, all agreeing; refreshed every `dns_refresh_s`,
+on `info(refresh=True)` and after `recheck()`). A chat uses the last Info known even while no replica
+answers its Info read (a frozen or busy replica is still the same model; the call itself will tell). When
+none ever answered, or on `info(refresh=True)` (/ready) when none answers now, one Info call goes through
+the balanced channel, so the caller gets grpc's reason (UNAVAILABLE, ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from ivl_proto.errors import from_grpc_error
 
-from ivl_gateway.replicas import Replica, ReplicaPool, call_unary
+from ivl_gateway.replicas import Identity, ReplicaSet
 from ivl_gateway.settings import GatewaySettings
 
 InfoT = TypeVar("InfoT", bound=Message)
+Metadata = Sequence[tuple[str, str]]
 
 
 class ServiceClient(Generic[InfoT]):
-    """Base of the clients of one downstream service: pool lifecycle and the service's Info."""
+    """Base of the clients of one downstream service."""
 
     def __init__(
         self,
         name: str,
         addresses: list[str],
         stub_factory: Callable[[grpc.aio.Channel], Any],
+        grpc_service: str,
         info_request: Message,
+        identity: Identity,
         settings: GatewaySettings,
+        drain_s: float,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        self.name = name
         self._settings = settings
         self._info_request = info_request
-        self.pool = ReplicaPool(
-            name,
-            addresses,
-            stub_factory,
-            health_interval_s=settings.health_interval_s,
-            backoff_s=settings.replica_backoff_s,
-            dns_refresh_s=settings.dns_refresh_s,
-            max_message_bytes=settings.max_message_bytes,
-            on_change=self._refresh_replica_info,
-            token=settings.internal_token,
-        )
-        self._info: InfoT | None = None
+        self._stub_factory = stub_factory
+        self._stubs: tuple[grpc.aio.Channel, Any] | None = None
+        self.replicas: ReplicaSet[InfoT] = ReplicaSet(
+            name, grpc_service, addresses, settings, self._fetch_info, identity, drain_s, interceptors)
 
     async def start(self) -> None:
-        await self.pool.start()
+        await self.replicas.start()
 
     async def close(self) -> None:
-        await self.pool.close()
+        await self.replicas.close()
 
-    async def _refresh_replica_info(self, replica: Replica) -> None:
-        replica.info = await replica.stub.Info(self._info_request, timeout=self._settings.info_timeout_s)
-        self._info = replica.info
+    async def _fetch_info(self, channel: grpc.aio.Channel) -> InfoT:
+        info: InfoT = await self._stub_factory(channel).Info(
+            self._info_request, timeout=self._settings.info_timeout_s)
+        return info
+
+    @property
+    def stub(self) -> Any:
+        """The stub of the current balanced channel (a new one after the replica addresses changed)."""
+        channel = self.replicas.channel
+        if self._stubs is None or self._stubs[0] is not channel:
+            self._stubs = (channel, self._stub_factory(channel))
+        return self._stubs[1]
+
+    async def unary(self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()) -> Any:
+        """One unary call on the balanced channel (grpc picks the replica and retries UNAVAILABLE)."""
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc_error(error, self.name) from error
+
+    async def stream(
+        self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()
+    ) -> AsyncIterator[Any]:
+        """A server-streaming call; closing the iterator cancels the call downstream."""
+        call = getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc_error(error, self.name) from error
+        finally:
+            call.cancel()
 
     async def info(self, refresh: bool = False) -> InfoT:
-        """The service's Info (model id, hidden size, ...), fetched once and again on recovery or refresh."""
-        if self._info is None or refresh:
-            response, replica = await call_unary(self.pool, "Info", self._info_request, self._settings.info_timeout_s)
-            replica.info = response
-            self._info = response
-        return self._info
+        """The Info every replica shares (model id, hidden size, ...); FAILED_PRECONDITION when they disagree."""
+        if refresh:  # /ready: is some replica answering now?
+            await self.replicas.refresh()
+        agreed = self.replicas.agreed_info()
+        if agreed is not None and (self.replicas.answering() or not refresh):
+            return agreed
+        info: InfoT = await self.unary("Info", self._info_request, self._settings.info_timeout_s)
+        return info
 
-    def forget_info(self) -> None:
-        """Fetch Info again next time (e.g. a replica answered with another fingerprint)."""
-        self._info = None
+    def recheck(self) -> None:
+        """Read every replica's Info again soon (an answer came from a model other than the agreed one)."""
+        self.replicas.recheck()

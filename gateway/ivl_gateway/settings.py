@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ivl_gateway.replica_targets import parse_target
 
 MAX_TILES_LIMIT = 40
 # Who may read /metrics, /docs + /openapi.json, and gRPC server reflection: everyone, API-key holders, nobody.
@@ -27,12 +30,16 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IVL_GATEWAY_", extra="ignore")
 
-    # Downstream services: host:port entries, or "dns:NAME:PORT" to re-resolve a DNS name to replicas.
+    # Downstream services: host:port entries, or one DNS name of several replicas: dns:///NAME:PORT (also
+    # dns:NAME:PORT, dns://DNS_SERVER/NAME:PORT). See replica_targets.py and docs/gateway.md "Scale-out".
     vision_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50051"])
     llm_addresses: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:50052"])
     # Redis embedding cache; empty = no cache.
+    # redis://[user:password@]host:port/db, rediss://... for TLS; with redis_cluster=true the URL names any
+    # node of a Redis Cluster (docs/gateway.md "Redis").
     redis_url: str = ""
-    cache_namespace: str = "ivl:emb:v1"
+    redis_cluster: bool = False
+    cache_namespace: str = Field(default="ivl:emb:v1", pattern=r"^[^{}\s]+$")  # braces are cluster hash tags
     cache_ttl_s: int = Field(default=24 * 3600, ge=1)
     redis_timeout_s: float = Field(default=1.0, gt=0)
     redis_retry_s: float = Field(default=2.0, ge=0)  # after a Redis failure, skip it this long
@@ -56,9 +63,13 @@ class GatewaySettings(BaseSettings):
     vision_timeout_s: float = Field(default=300.0, gt=0)
     llm_timeout_s: float = Field(default=600.0, gt=0)
     info_timeout_s: float = Field(default=5.0, gt=0)
-    health_interval_s: float = Field(default=2.0, gt=0)
+    # Replicas (grpc balances, health-checks and retries; replicas.py): a replica that went away is tried
+    # again at most this long after its last failed connection attempt; names are resolved again (and
+    # every replica's Info read) every dns_refresh_s; a call that fails UNAVAILABLE before any response is
+    # made at most replica_attempts times in all (grpc's limit is 5).
     replica_backoff_s: float = Field(default=2.0, ge=0)
     dns_refresh_s: float = Field(default=10.0, gt=0)
+    replica_attempts: int = Field(default=3, ge=1, le=5)
     # Tiling: None = the vision service's defaults.
     default_max_tiles: int | None = Field(default=None, ge=1, le=MAX_TILES_LIMIT)
     default_use_thumbnail: bool | None = None
@@ -70,6 +81,14 @@ class GatewaySettings(BaseSettings):
     allow_private_urls: bool = False  # only for tests on loopback; never in production
     # Misc.
     model_name: str = ""  # the model id /v1/models reports; empty = the LLM service's model id
+    # More names `model` may give (e.g. "gpt-4o" for a client that cannot be configured); listed by /v1/models.
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # OpenAI fields this server cannot honour are a 400 naming the field; true = drop them instead (named in the
+    # response header x-ivl-ignored-fields and the log), for clients that always send some field.
+    ignore_unsupported_fields: bool = False
+    detail_high_max_tiles: int = Field(default=MAX_TILES_LIMIT, ge=1, le=MAX_TILES_LIMIT)  # image detail "high"
+    # OpenTelemetry: spans exported over OTLP/gRPC to this collector (e.g. http://otel-collector:4317); empty = off.
+    otlp_traces_endpoint: str = ""
     # Info.tiny_random_model (the UI's "replies are noise" banner): None = what the LLM service says
     # (its Info.random_weights, from the checkpoint's config.json marker written by ivl_tiny).
     tiny_random_model: bool | None = None
@@ -110,12 +129,24 @@ class GatewaySettings(BaseSettings):
     # one, then treats its lookup as a miss (a busy pool is not an outage).
     redis_max_connections: int = Field(default=64, ge=1)
     redis_pool_wait_s: float = Field(default=0.25, ge=0)
+    # Single flight across gateway processes sharing one Redis: a new image is encoded by one gateway, the
+    # others wait for its entry (encode_lock.py). The lock lives encode_lock_ttl_s unless its holder renews
+    # it (every third of that while encoding): a gateway that dies holds up the others for at most this long.
+    encode_lock: bool = True
+    encode_lock_ttl_s: float = Field(default=5.0, ge=0.3)
 
     @field_validator("vision_addresses", "llm_addresses", "api_keys", "url_allowed_hosts", "cors_allow_origins",
-                     "trusted_proxies", mode="before")
+                     "trusted_proxies", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("vision_addresses", "llm_addresses")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_target(entry)  # ValueError naming the accepted forms
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
@@ -123,6 +154,14 @@ class GatewaySettings(BaseSettings):
             raise ValueError("vision_addresses is empty: give at least one host:port of a vision service")
         if not self.llm_addresses:
             raise ValueError("llm_addresses is empty: give at least one host:port of an LLM service")
+        if self.redis_url:
+            parsed = urlsplit(self.redis_url)
+            if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
+                raise ValueError(f"redis_url {self.redis_url!r} is not redis://[user:password@]host:port/db, "
+                                 "rediss://... (TLS) or unix:///path")
+            if self.redis_cluster and (parsed.scheme == "unix" or parsed.path.strip("/") not in ("", "0")):
+                raise ValueError(f"redis_url {self.redis_url!r} with redis_cluster=true: a Redis Cluster is "
+                                 "reached over TCP and has only database 0 (redis://host:port or .../0)")
         if self.rate_limit:
             from limits import parse_many
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -14,18 +15,21 @@ from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from ivl_gateway.embedding_codec import ImageEmbedding, TilingChoice
 from ivl_gateway.metrics import GatewayMetrics
-from ivl_gateway.replicas import call_unary
 from ivl_gateway.service_client import ServiceClient
 from ivl_gateway.settings import GatewaySettings
 
-SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+GRPC_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
+
+
+def vision_identity(info: vision_pb2.InfoResponse) -> tuple[tuple[str, object], ...]:
+    """What must be equal on every vision replica: the fingerprint (weights, configs, dtype)."""
+    return (("fingerprint", info.fingerprint),)
 
 
 @dataclass(frozen=True)
 class EncodeResult:
     embeddings: list[ImageEmbedding]
     fingerprint: str
-    replica: str
     seconds: float
 
 
@@ -46,22 +50,24 @@ def vision_stub(channel: grpc.aio.Channel) -> vision_pb2_grpc.VisionEncoderStub:
     """The generated stub, with EncodeImages reading its embeddings as views of the received bytes."""
     stub = vision_pb2_grpc.VisionEncoderStub(channel)
     stub.EncodeImages = channel.unary_unary(  # type: ignore[method-assign]
-        f"/{SERVICE_NAME}/EncodeImages", request_serializer=vision_pb2.EncodeImagesRequest.SerializeToString,
+        f"/{GRPC_SERVICE}/EncodeImages", request_serializer=vision_pb2.EncodeImagesRequest.SerializeToString,
         response_deserializer=parse_encode_reply,
     )
     return stub
 
 
 class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
-        super().__init__("vision", settings.vision_addresses, vision_stub, vision_pb2.InfoRequest(), settings)
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+        super().__init__("vision", settings.vision_addresses, vision_stub, GRPC_SERVICE,
+                         vision_pb2.InfoRequest(), vision_identity, settings, settings.vision_timeout_s, interceptors)
         self._metrics = metrics
 
     async def plan(self, images: list[tuple[bytes, TilingChoice]]) -> list[common_pb2.ImagePlan]:
         request = vision_pb2.PlanImagesRequest(
             images=[vision_pb2.ImageInput(data=data, tiling=t.to_pb()) for data, t in images]
         )
-        response, _ = await call_unary(self.pool, "PlanImages", request, self._settings.info_timeout_s * 4)
+        response = await self.unary("PlanImages", request, self._settings.info_timeout_s * 4)
         return list(response.plans)
 
     async def encode(self, images: list[tuple[bytes, TilingChoice]], budget: ImageBudget | None = None) -> EncodeResult:
@@ -72,7 +78,7 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             budget=(budget or ImageBudget()).to_pb(),
         )
         start = time.perf_counter()
-        reply, replica = await call_unary(self.pool, "EncodeImages", request, self._settings.vision_timeout_s)
+        reply: EncodeReply = await self.unary("EncodeImages", request, self._settings.vision_timeout_s)
         seconds = time.perf_counter() - start
         response = reply.response
         if len(response.images) != len(images):
@@ -81,7 +87,7 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
                 f"the vision service returned {len(response.images)} embeddings for {len(images)} images",
             )
         self._metrics.encode_latency.observe(seconds)
-        self._metrics.encoded_images.labels(replica=replica.address).inc(len(images))
+        self._metrics.encoded_images.inc(len(images))
         embeddings = [
             ImageEmbedding(
                 dtype=item.embedding.dtype,
@@ -91,5 +97,4 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             )
             for item, data in zip(response.images, reply.embedding_data, strict=True)
         ]
-        fingerprint = response.fingerprint or (replica.info.fingerprint if replica.info else "")
-        return EncodeResult(embeddings, fingerprint, replica.address, seconds)
+        return EncodeResult(embeddings, response.fingerprint, seconds)

@@ -28,6 +28,8 @@ class ErrorCode(enum.Enum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a POST that is not application/json
     REQUEST_TIMEOUT = "request_timeout"  # the client sent its request too slowly
     OVERLOADED = "overloaded"  # the gateway holds as many request bytes as it may; retry shortly
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # an HTTP method a path does not take
+    UNPROCESSABLE = "unprocessable_entity"  # a request the HTTP framework could not bind to its route
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ ERROR_TABLE: dict[ErrorCode, ErrorMapping] = {
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: ErrorMapping(grpc.StatusCode.INVALID_ARGUMENT, 415, "invalid_request_error"),
     ErrorCode.REQUEST_TIMEOUT: ErrorMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 408, "timeout"),
     ErrorCode.OVERLOADED: ErrorMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, "service_unavailable"),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorMapping(grpc.StatusCode.UNIMPLEMENTED, 405, "invalid_request_error"),
+    ErrorCode.UNPROCESSABLE: ErrorMapping(grpc.StatusCode.INVALID_ARGUMENT, 422, "invalid_request_error"),
 }
 
 _BY_GRPC_STATUS: dict[grpc.StatusCode, ErrorCode] = {
@@ -75,10 +79,12 @@ ERROR_CODE_METADATA_KEY = "ivl-error-code"
 class ServingError(Exception):
     """An error with a code from the table and a message a person can act on."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, api_code: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request field at fault (OpenAI's error.param), when one is
+        self.api_code = api_code  # OpenAI's error.code where it has its own (e.g. model_not_found); else code.value
 
     @property
     def grpc_status(self) -> grpc.StatusCode:
@@ -92,8 +98,8 @@ class ServingError(Exception):
         return f"ServingError({self.code.name}, {self.message!r})"
 
 
-def invalid(message: str) -> ServingError:
-    return ServingError(ErrorCode.INVALID_ARGUMENT, message)
+def invalid(message: str, param: str | None = None) -> ServingError:
+    return ServingError(ErrorCode.INVALID_ARGUMENT, message, param=param)
 
 
 def from_grpc_error(error: grpc.RpcError, service: str) -> ServingError:

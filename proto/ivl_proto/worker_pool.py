@@ -459,6 +459,17 @@ class WorkerPool:
         else:
             self.stats.crashes += 1
 
+    def terminate(self) -> None:
+        """Kill every worker now, without an event loop (process shutdown). Use close() from async code."""
+        self._closed = True
+        for worker in list(self._workers):
+            worker.kill(worker.killed_for or "retired")
+            with contextlib.suppress(Exception):
+                worker.reap(timeout=2.0)
+            worker.close()
+        self._workers.clear()
+        self._io.shutdown(wait=False, cancel_futures=True)
+
     async def close(self) -> None:
         """Stop every worker. The server drained its calls before this, so busy workers are killed."""
         if self._closed:

@@ -127,6 +127,8 @@ EXPECTED = {
     ("ingress-controller", "ivl-gateway", 50050, "TCP"),
     ("ivl-frontend", "ivl-gateway", 50050, "TCP"),
     ("prometheus", "ivl-gateway", 8000, "TCP"),
+    ("prometheus", "ivl-vision", 9090, "TCP"),
+    ("prometheus", "ivl-llm", 9090, "TCP"),
     ("ivl-gateway", "ivl-vision", 50051, "TCP"),
     ("ivl-gateway", "ivl-llm", 50052, "TCP"),
     ("ivl-gateway", "ivl-redis", 6379, "TCP"),

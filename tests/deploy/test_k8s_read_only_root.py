@@ -98,7 +98,7 @@ def _png() -> bytes:
 
 def test_the_services_serve_a_chat_with_a_read_only_root_and_a_tmp_emptydir(rendered, tiny_original):
     tree = rendered["cpu-demo"]
-    ports = {name: free_port() for name in ("vision", "llm", "grpc", "http", "ui")}
+    ports = {name: free_port() for name in ("vision", "llm", "grpc", "http", "ui", "vision-metrics", "llm-metrics")}
     redis = RedisServer(maxmemory="64mb")
     redis.start()
     loopback = {"IVL_VISION_HOST": "127.0.0.1", "IVL_LLM_HOST": "127.0.0.1", "IVL_GATEWAY_GRPC_HOST": "127.0.0.1",
@@ -111,10 +111,11 @@ def test_the_services_serve_a_chat_with_a_read_only_root_and_a_tmp_emptydir(rend
 
     vision = ReadOnlyRootProcess("vision", "ivl_vision", env(
         "vision", "ivl-vision", IVL_VISION_PORT=str(ports["vision"]), IVL_VISION_MODEL_PATH="/srv",
-        IVL_VISION_TORCH_THREADS="1",
+        IVL_VISION_TORCH_THREADS="1", IVL_VISION_METRICS_PORT=str(ports["vision-metrics"]),
     ), ports["vision"], model_dir=tiny_original)
     llm = ReadOnlyRootProcess("llm", "ivl_llm", env(
         "llm", "ivl-llm", IVL_LLM_PORT=str(ports["llm"]), IVL_LLM_MODEL_PATH="/srv", IVL_LLM_TORCH_THREADS="1",
+        IVL_LLM_METRICS_PORT=str(ports["llm-metrics"]),
     ), ports["llm"], model_dir=tiny_original)
     # The gateway image runs as `nobody`, whose HOME does not exist: nothing may need it.
     gateway = ReadOnlyRootGateway(env(
@@ -137,13 +138,15 @@ def test_the_services_serve_a_chat_with_a_read_only_root_and_a_tmp_emptydir(rend
         client = openai.OpenAI(base_url=f"{gateway.http_url}/v1", api_key="client-key", max_retries=0, timeout=120)
         image = "data:image/png;base64," + base64.b64encode(_png()).decode()
         reply = client.chat.completions.create(
-            model="ivl", max_tokens=4,
+            model=client.models.list().data[0].id, max_tokens=4,
             messages=[{"role": "user", "content": [
                 {"type": "text", "text": "What is in the picture?"},
                 {"type": "image_url", "image_url": {"url": image}},
             ]}],
         )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+        for name, gauge in (("vision-metrics", "vision_queued_tiles"), ("llm-metrics", "llm_requests_waiting")):
+            assert gauge in httpx.get(f"http://127.0.0.1:{ports[name]}/metrics", timeout=10).text  # the manifests' port
         ui = f"http://127.0.0.1:{ports['ui']}"
         for _ in range(600):
             frontend._check_alive()

@@ -46,8 +46,8 @@ SECRET_SAMPLES = {
 }
 # Which setting holds which listening port, per container port name.
 LISTENERS = {
-    "vision": {"grpc": "port"},
-    "llm": {"grpc": "port"},
+    "vision": {"grpc": "port", "metrics": "metrics_port"},
+    "llm": {"grpc": "port", "metrics": "metrics_port"},
     "gateway": {"grpc": "grpc_port", "http": "http_port"},
     "frontend": {"http": "port"},
 }
@@ -160,8 +160,8 @@ def test_addresses_the_services_are_given_reach_real_service_ports(rendered, nam
     gateway = _settings_of(main_container(tree.deployments["ivl-gateway"]), monkeypatch, tmp_path)
     for targets, service in ((gateway.vision_addresses, "ivl-vision"), (gateway.llm_addresses, "ivl-llm")):
         (target,) = targets
-        match = re.fullmatch(r"dns:([a-z0-9-]+):(\d+)", target)
-        assert match, f"{target}: the gateway must re-resolve the headless Service (dns:NAME:PORT)"
+        match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
+        assert match, f"{target}: the gateway must balance over the headless Service (grpc's dns:///NAME:PORT)"
         assert match.group(1) == service
         _service_port(tree, service, int(match.group(2)), headless=True)
     redis = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", gateway.redis_url)

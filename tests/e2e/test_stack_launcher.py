@@ -1,9 +1,18 @@
 """The one-command launcher (python -m ivl_stack) as a user runs it: real redis-server, vision, LLM,
-gateway and UI processes on free ports; one chat through the OpenAI API; Ctrl-C leaves no process."""
+gateway and UI processes on free loopback ports, and real crashes (SIGKILL).
+
+One launcher runs through the tests of this module, in order (as in tests/faults): it starts
+everything (the tiny demo checkpoint written because no MODEL_PATH is given) and serves a chat; the
+vision service is killed (restarted; a chat with an image gets a clear 503 meanwhile, not a hang;
+afterwards chats work again with no manual step), then the LLM, then Redis; a child that keeps dying
+is given up after the crash-loop limit while the rest keeps serving; SIGTERM to the launcher while a
+child waits for its restart stops everything and leaves no process (Ctrl-C takes the same path).
+Restart counts and states come from the launcher's own /metrics and its ready file.
+"""
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import shutil
 import signal
@@ -15,16 +24,191 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ivl_stack.restart_policy import RestartHistory, RestartPolicy
 from ivl_stack.settings import StackSettings
+from PIL import Image
+from support.launcher_process import SERVICES, LauncherProcess, alive, clean_env, group_alive
 from support.redis_server import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
-READY_TIMEOUT_S = 240
+BACKOFF_S = 2.0  # first restart after 2 s, then 4 s, 8 s...
+MAX_RESTARTS = 2  # a child restarted twice within the window and dying again is given up
+_colours = iter(range(1, 10_000))
 
 
-def _ports() -> dict[str, int]:
-    return {name: free_port() for name in ("ui", "http", "grpc", "vision", "llm", "redis")}
+def new_png() -> bytes:
+    n = next(_colours)
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), ((n * 53) % 256, (n * 29) % 256, 90)).save(out, "PNG")
+    return out.getvalue()
+
+
+def wait_until(condition, timeout_s: float, what: str, step_s: float = 0.2) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(step_s)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    env = {"IVL_STACK_RESTART_BACKOFF_S": str(BACKOFF_S), "IVL_STACK_MAX_RESTARTS": str(MAX_RESTARTS),
+           "IVL_STACK_RESTART_WINDOW_S": "3600"}
+    launcher = LauncherProcess(tmp_path_factory.mktemp("launcher"), None, env=env, no_ui=False).start()
+    try:
+        launcher.wait_ready(timeout_s=300)
+        yield launcher
+    finally:
+        launcher.stop()
+
+
+@pytest.mark.slow
+def test_launcher_starts_everything_and_serves_a_chat(stack):
+    ready = stack.ready()
+    pids = ready["pids"]
+    assert set(pids) == {"redis", "vision", "llm", "gateway", "ui"}
+    assert all(alive(pid) for pid in pids.values())
+    # The tiny demo checkpoint was written because no MODEL_PATH was given.
+    assert Path(ready["model_path"]).joinpath("config.json").is_file()
+    assert ready["ui"] == f"http://127.0.0.1:{stack.ports['ui']}"
+    assert ready["metrics"] == f"http://127.0.0.1:{stack.ports['metrics']}/metrics"
+    assert stack.metric("ivl_stack_child_up", service="vision") == 1.0
+    assert stack.metric("ivl_stack_restarts_total", service="llm") == 0.0
+    # The model services' own metrics ports (the launcher turns them on).
+    vision_metrics = httpx.get(f"http://127.0.0.1:{stack.ports['vision-metrics']}/metrics", timeout=10).text
+    llm_metrics = httpx.get(f"http://127.0.0.1:{stack.ports['llm-metrics']}/metrics", timeout=10).text
+    assert "vision_queued_tiles{" in vision_metrics and "llm_requests_waiting{" in llm_metrics
+    # The UI page answers, and one chat goes through the gateway's OpenAI API.
+    assert httpx.get(ready["ui"] + "/", timeout=10).status_code == 200
+    reply = stack.chat("hello", max_tokens=5)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+    # Redis runs with the cache's memory cap and LRU policy.
+    with socket.create_connection(("127.0.0.1", stack.ports["redis"]), timeout=5) as conn:
+        conn.sendall(b"CONFIG GET maxmemory-policy\r\n")
+        time.sleep(0.2)
+        assert b"allkeys-lru" in conn.recv(256)
+    assert "the InternVL stack is ready" in stack.log()
+
+
+def _kill_and_recover(stack, service: str, during_outage) -> float:
+    """SIGKILL `service`; check what clients get while it is down; return seconds until it is back."""
+    old = stack.pids()[service]
+    os.kill(old, signal.SIGKILL)
+    killed_at = time.monotonic()
+    during_outage()
+    wait_until(lambda: stack.ready()["children"][service]["state"] != "up" or stack.pids()[service] != old, 30,
+               f"the launcher to notice that {service} died")
+
+    def back() -> bool:
+        child = stack.ready()["children"][service]
+        return child["state"] == "up" and child["pid"] != old
+
+    wait_until(back, 180, f"{service} to be back")
+    assert stack.metric("ivl_stack_child_up", service=service) == 1.0
+    assert not alive(old), f"the killed {service} (pid {old}) is still there"
+    assert alive(stack.pids()[service])
+    return time.monotonic() - killed_at
+
+
+@pytest.mark.slow
+def test_a_killed_vision_service_is_restarted_and_chats_work_again(stack):
+    assert stack.chat("hello", new_png()).status_code == 200
+
+    def during_outage() -> None:
+        started = time.monotonic()
+        down = stack.chat("what is this?", new_png())
+        print(f"vision down: an image chat got {down.status_code} after {time.monotonic() - started:.2f} s")
+        assert time.monotonic() - started < 30, "a chat during the outage hung"
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["code"] == "unavailable" and "vision" in down.json()["error"]["message"]
+        assert stack.chat("no image, please").status_code == 200  # the LLM still serves
+
+    took = _kill_and_recover(stack, "vision", during_outage)
+    # No manual step: image chats work again (the gateway's replica pool notices on its own).
+    recovered = wait_until(lambda: stack.chat("and now?", new_png()).status_code == 200, 60,
+                           "an image chat to work again")
+    print(f"vision: SIGKILL -> ready again in {took:.1f} s -> first good image chat {recovered:.1f} s later")
+    assert recovered < 15  # the gateway dials a replica that went away again every 2 s
+    assert stack.metric("ivl_stack_restarts_total", service="vision") == 1
+    log = stack.log()
+    assert "vision exited with signal SIGKILL; restarting it in 2.0 s" in log and "vision is back" in log
+
+
+@pytest.mark.slow
+def test_a_killed_llm_service_is_restarted_and_chats_work_again(stack):
+    def during_outage() -> None:
+        started = time.monotonic()
+        down = stack.chat("hello?")
+        print(f"llm down: a chat got {down.status_code} after {time.monotonic() - started:.2f} s")
+        assert time.monotonic() - started < 30, "a chat during the outage hung"
+        assert down.status_code == 503 and "LLM" in down.json()["error"]["message"], down.text
+
+    took = _kill_and_recover(stack, "llm", during_outage)
+    recovered = wait_until(lambda: stack.chat("hello again").status_code == 200, 60, "a chat to work again")
+    print(f"llm: SIGKILL -> ready again in {took:.1f} s -> first good chat {recovered:.1f} s later")
+    assert stack.metric("ivl_stack_restarts_total", service="llm") == 1
+
+
+@pytest.mark.slow
+def test_a_killed_redis_is_restarted_and_the_cache_works_again(stack):
+    def during_outage() -> None:
+        assert stack.chat("the cache is a cache", new_png()).status_code == 200  # served without it
+
+    _kill_and_recover(stack, "redis", during_outage)
+    image = new_png()
+
+    def cache_hit() -> bool:
+        reply = stack.chat("twice", image)
+        return reply.status_code == 200 and reply.json()["ivl"]["cache_hits"] == 1
+
+    wait_until(cache_hit, 60, "the second chat with one image to be a cache hit", step_s=1)
+
+
+@pytest.mark.slow
+def test_a_crash_looping_child_is_given_up_and_the_rest_keeps_serving(stack):
+    config = Path(stack.ready()["model_path"]) / "config.json"
+    config.rename(config.with_suffix(".away"))  # every new vision process now fails to load
+    try:
+        os.kill(stack.pids()["vision"], signal.SIGKILL)
+        wait_until(lambda: stack.metric("ivl_stack_child_given_up", service="vision") == 1.0, 240,
+                   "the crash-looping vision service to be given up")
+    finally:
+        config.with_suffix(".away").rename(config)
+    assert stack.metric("ivl_stack_restarts_total", service="vision") == MAX_RESTARTS
+    assert stack.ready()["children"]["vision"]["state"] == "given up"
+    log = stack.log()
+    assert "GIVING UP ON VISION" in log and "it is not restarted any more" in log
+    # The launcher and the rest of the stack keep serving; image chats get a clear 503.
+    assert stack.process.poll() is None
+    assert stack.chat("still there?").status_code == 200
+    down = stack.chat("and images?", new_png())
+    assert down.status_code == 503 and "vision" in down.json()["error"]["message"]
+    time.sleep(BACKOFF_S * 4)
+    assert stack.metric("ivl_stack_restarts_total", service="vision") == MAX_RESTARTS  # no more restarts
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_child_waits_for_its_restart_leaves_no_process(stack):
+    pids = stack.pids()
+    os.kill(pids["llm"], signal.SIGKILL)  # restart 2 of the LLM comes after 4 s of backoff
+    waiting = "llm exited with signal SIGKILL; restarting it in 4.0 s"
+    wait_until(lambda: waiting in stack.log(), 30, "the LLM's backoff", step_s=0.05)
+    stack.signal(signal.SIGTERM)
+    started = time.monotonic()
+    code = stack.process.wait(timeout=60)
+    assert code == 0, stack.log()[-3000:]
+    assert time.monotonic() - started < 30
+    log = stack.log()
+    assert "stopped; no child process is left" in log
+    assert "restarted llm" not in log.split(waiting)[-1]  # stopped during the backoff, not restarted
+    for name, pid in pids.items():
+        assert not group_alive(pid), f"{name} (process group {pid}) still has processes"
+    for name, port in stack.ports.items():
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"{name} port {port} still answers"
 
 
 def _argv(ports: dict[str, int], *extra: str) -> list[str]:
@@ -34,84 +218,21 @@ def _argv(ports: dict[str, int], *extra: str) -> list[str]:
     return [*argv, *extra]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purpose only once reaped; report it as alive until then
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVL_", "MODEL_PATH"))}
-    env.update(PYTHONUNBUFFERED="1", IVL_VISION_TORCH_THREADS="1", IVL_LLM_TORCH_THREADS="1",
-               IVL_VISION_WARMUP="false", IVL_LLM_WARMUP="false", HOME=str(tmp_path))
-    return env
-
-
-@pytest.mark.slow
-def test_launcher_starts_everything_serves_a_chat_and_ctrl_c_leaves_no_process(tmp_path):
-    ports, ready_file, log_path = _ports(), tmp_path / "ready.json", tmp_path / "stack.log"
-    argv = _argv(ports, "--cache-dir", str(tmp_path / "cache"), "--ready-file", str(ready_file))
-    started = time.monotonic()
-    with log_path.open("w") as log:
-        launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path))
-        try:
-            while not ready_file.exists():
-                assert launcher.poll() is None, f"launcher exited early:\n{log_path.read_text()[-4000:]}"
-                assert time.monotonic() - started < READY_TIMEOUT_S, log_path.read_text()[-4000:]
-                time.sleep(0.2)
-            ready = json.loads(ready_file.read_text())
-            pids = ready["pids"]
-            assert set(pids) == {"redis", "vision", "llm", "gateway", "ui"}
-            assert all(_alive(pid) for pid in pids.values())
-            # The tiny demo checkpoint was written because no MODEL_PATH was given.
-            assert Path(ready["model_path"]).joinpath("config.json").is_file()
-            assert ready["ui"] == f"http://127.0.0.1:{ports['ui']}"
-            # The UI page answers, and one chat goes through the gateway's OpenAI API.
-            assert httpx.get(ready["ui"] + "/", timeout=10).status_code == 200
-            reply = httpx.post(
-                f"http://127.0.0.1:{ports['http']}/v1/chat/completions",
-                json={"model": "any", "max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]},
-                timeout=60,
-            )
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["usage"]["completion_tokens"] >= 1
-            # Redis runs with the cache's memory cap and LRU policy.
-            with socket.create_connection(("127.0.0.1", ports["redis"]), timeout=5) as conn:
-                conn.sendall(b"CONFIG GET maxmemory-policy\r\n")
-                time.sleep(0.2)
-                assert b"allkeys-lru" in conn.recv(256)
-        finally:
-            launcher.send_signal(signal.SIGINT)
-            code = launcher.wait(timeout=60)
-    output = log_path.read_text()
-    assert code == 0, output[-4000:]
-    assert "the InternVL stack is ready" in output and "stopped; no child process is left" in output
-    for name, pid in pids.items():
-        assert not _alive(pid), f"{name} (pid {pid}) is still running after Ctrl-C"
-    for port in ports.values():
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
-
-
 def test_launcher_refuses_a_busy_port_and_a_missing_model_with_clear_messages(tmp_path):
-    ports = _ports()
+    ports = {name: free_port() for name in SERVICES}
+    env = clean_env(tmp_path)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", ports["ui"]))
         busy.listen()
         result = subprocess.run(_argv(ports, "--model-path", str(tmp_path)), capture_output=True, text=True,
-                                env=_env(tmp_path), timeout=60)
+                                env=env, timeout=60)
     assert result.returncode == 1
     assert f"port {ports['ui']} (ui_port) is already in use" in result.stdout and "--ui-port" in result.stdout
     result = subprocess.run(_argv(ports, "--model-path", str(tmp_path / "nowhere")), capture_output=True,
-                            text=True, env=_env(tmp_path), timeout=60)
+                            text=True, env=env, timeout=60)
     assert result.returncode == 1 and "is not a folder" in result.stdout
     result = subprocess.run(_argv(ports, "--model-path", str(tmp_path)), capture_output=True,
-                            text=True, env=_env(tmp_path), timeout=60)
+                            text=True, env=env, timeout=60)
     assert result.returncode == 1 and "has no config.json" in result.stdout
 
 
@@ -128,3 +249,22 @@ def test_settings_check_ports_and_modes(monkeypatch):
         StackSettings(http_port=9000)
     with pytest.raises(ValueError, match="lmdeploy backend needs a GPU"):
         StackSettings(backend="lmdeploy")
+
+
+def test_restart_policy_backs_off_exponentially_and_gives_up_on_a_crash_loop():
+    history = RestartHistory(RestartPolicy(backoff_s=1, max_backoff_s=5, max_restarts=4, window_s=100))
+    delays = []
+    now = 0.0
+    for _ in range(4):
+        delay = history.delay_after_exit(now)
+        delays.append(delay)
+        now += delay
+        history.restarted(now)
+        now += 1  # dies again a second after each restart
+    assert delays == [1, 2, 4, 5]  # doubling, capped
+    assert history.delay_after_exit(now) is None  # the 4 restarts are within 100 s: given up
+    # A child that stayed up longer than the window starts again from the short backoff.
+    assert history.delay_after_exit(now + 200) == 1 and history.total == 4
+    with pytest.raises(ValueError, match="metrics_port and ui_port are both 9000"):
+        StackSettings(ui_port=9000, metrics_port=9000)
+    assert StackSettings(metrics_port=0).metrics_port == 0  # 0 = no launcher metrics endpoint

@@ -174,7 +174,7 @@ def test_client_disconnect_mid_stream_stops_generation(backend):
     cancelled_before = backend.gateway.metric("gateway_requests_total", api="http", outcome="cancelled")
     client = OpenAI(base_url=f"{backend.gateway.http_url}/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Tell me a very long story."}],
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Tell me a very long story."}],
         max_tokens=LONG, temperature=0, stream=True,
     )
     chunks = [chunk for _, chunk in zip(range(5), stream, strict=False)]

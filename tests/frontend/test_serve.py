@@ -61,3 +61,34 @@ def test_telemetry_is_off_unless_the_operator_turns_it_on(monkeypatch):
     disable_telemetry()
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "0"  # an explicit choice is kept
+
+
+def test_the_ui_process_removes_its_preview_folder_when_it_stops(tmp_path):
+    """python -m ivl_frontend keeps its tile previews in Gradio's cache folder and removes them on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path), "IVL_FRONTEND_PORT": str(port),
+           "IVL_FRONTEND_GATEWAY_ADDRESS": f"127.0.0.1:{free_port()}", "GRADIO_ANALYTICS_ENABLED": "False"}
+    ui = subprocess.Popen([sys.executable, "-m", "ivl_frontend"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ui.poll() is None and time.monotonic() < deadline, "the UI did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        (folder,) = tmp_path.glob("ivl-ui-previews-*")
+        (folder / "tiles-x.png").write_bytes(b"png")
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 0
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    assert not folder.exists()

@@ -18,6 +18,8 @@ GATEWAY_OVERRIDES = {
     "max_tiles_per_request": 40,
     "max_image_pixels": 4_000_000,
     "max_request_bytes": 3 * 2**20,
+    "model_aliases": ["ivl"],  # the tests name the model "ivl"; the served name is the checkpoint folder's
+    "detail_high_max_tiles": 6,
 }
 LLM_OVERRIDES = {"context_length": 8192, "max_concurrency": 2, "max_queue": 8}
 

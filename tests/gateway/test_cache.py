@@ -80,7 +80,7 @@ def test_key_names_fingerprint_image_and_tiling():
     cache = EmbeddingCache(GatewaySettings(), GatewayMetrics())
     digest = image_digest(b"abc")
     key = cache.key("fp1", digest, TILING)
-    assert key == f"ivl:emb:v1:fp1:{digest}:t6-1-1"
+    assert key == f"ivl:emb:v1:{{fp1:{digest}}}:t6-1-1"  # one cluster hash tag per image and model
     assert cache.key("fp2", digest, TILING) != key
     assert cache.key("fp1", digest, TilingChoice(6, 1, False)) != key
 
@@ -121,7 +121,7 @@ async def test_redis_down_then_back_caching_resumes_by_itself(caplog):
     try:
         await cache.put_many([(key, embedding())])
         server.stop()
-        with caplog.at_level(logging.WARNING, logger="ivl_gateway.cache"):
+        with caplog.at_level(logging.WARNING, logger="ivl_gateway.redis_store"):
             for _ in range(3):  # fast misses, one warning, errors counted
                 assert await cache.get_many([key], 64) == [None]
                 await cache.put_many([(key, embedding())])

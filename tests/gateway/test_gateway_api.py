@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import httpx
 import openai
@@ -69,7 +71,7 @@ def test_openai_client_streaming(stack):
 
 def test_models_health_ready_metrics(stack):
     client = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused")
-    assert len(client.models.list().data) == 1
+    assert [m.id for m in client.models.list().data] == ["ckpt", "ivl"]  # the served name, then the alias
     assert httpx.get(stack.http_url + "/health").json() == {"status": "ok"}
     ready = httpx.get(stack.http_url + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json()["compatible"] is True and ready.json()["redis"] == "ok"
@@ -173,11 +175,41 @@ async def test_api_keys_on_http_and_grpc(stack):
             assert reply.hidden_size > 0
 
 
-def test_dns_named_replicas(stack):
+@pytest.mark.parametrize("form", ["dns:localhost:{port}", "dns:///localhost:{port}", "localhost:{port}"])
+def test_dns_named_replicas(stack, form):
     port = stack.vision_addresses[0].rsplit(":", 1)[1]
-    with stack.extra_gateway(vision_addresses=[f"dns:localhost:{port}"]) as gateway:
-        replicas = [r.address for r in gateway.chat_service.vision.pool.replicas]
-        assert f"127.0.0.1:{port}" in replicas
+    with stack.extra_gateway(vision_addresses=[form.format(port=port)]) as gateway:
+        replicas = gateway.chat_service.vision.replicas
+        assert f"127.0.0.1:{port}" in replicas.addresses
+        assert replicas.target == f"dns:///localhost:{port}"  # grpc's own resolver balances over the name
         response = httpx.post(f"http://127.0.0.1:{gateway.ports.http}/v1/chat/completions", timeout=60, json={
             "messages": [user_turn("x", new_png())], "max_tokens": 2})
         assert response.status_code == 200, response.text
+        ready = httpx.get(f"http://127.0.0.1:{gateway.ports.http}/ready", timeout=30).json()
+        assert "fingerprint=" in ready["vision"]["replicas"][f"127.0.0.1:{port}"]
+
+
+async def test_grpc_chat_choices_logprobs_guided_and_per_image_tiling(stack):
+    """The gRPC API takes the new SamplingParams and per-image tiling; deltas carry their choice and logprobs."""
+    png = new_png(900, 300)
+    sampling = common_pb2.SamplingParams(temperature=1.0, seed=2, max_new_tokens=4, n=2, logprobs=True, top_logprobs=2)
+    request = gateway_pb2.ChatRequest(
+        messages=[gateway_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=[
+            gateway_pb2.ContentPart(image=gateway_pb2.Image(data=png, tiling=common_pb2.TilingOptions(max_tiles=1))),
+            gateway_pb2.ContentPart(text="What is it?")])],
+        sampling=sampling)
+    async with grpc.aio.insecure_channel(stack.grpc_address, options=message_size_options()) as channel:
+        stub = gateway_pb2_grpc.ChatStub(channel)
+        events = [e async for e in stub.Chat(request)]
+        image = next(e.image for e in events if e.WhichOneof("event") == "image")
+        assert image.plan.num_tiles == 1 and image.plan.max_tiles == 1  # the image's own options won
+        deltas = [e for e in events if e.WhichOneof("event") == "delta"]
+        assert {d.choice_index for d in deltas} == {0, 1}
+        assert all(len(entry.top) == 2 for d in deltas for entry in d.logprobs)
+        final = events[-1].final
+        assert len(final.choice_finish_reasons) == 2 and final.usage.completion_tokens == 8
+        guided = gateway_pb2.ChatRequest(
+            messages=[gateway_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=[gateway_pb2.ContentPart(text="JSON")])],
+            sampling=common_pb2.SamplingParams(max_new_tokens=150, guided=common_pb2.GuidedDecoding(json_object=True)))
+        text = "".join(e.delta for e in [e async for e in stub.Chat(guided)] if e.WhichOneof("event") == "delta")
+        assert isinstance(json.loads(text), dict)

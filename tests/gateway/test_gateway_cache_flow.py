@@ -99,7 +99,7 @@ def test_gateway_without_redis_serves_uncached(stack):
 
 
 def test_two_vision_replicas_share_one_cache(tiny_original):
-    with running_stack(tiny_original, vision_replicas=2, gateway={"default_max_tiles": 1}) as stack:
+    with running_stack(tiny_original, vision_replicas=2, gateway={"default_max_tiles": 1, "model_aliases": ["ivl"]}) as stack:
         client = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused")
         images = [new_png(300 + 10 * i, 200) for i in range(4)]
         before = [vision_images_seen(a) for a in stack.vision_addresses]

@@ -23,7 +23,8 @@ from ivl_gateway.conversation import (
 )
 from ivl_gateway.embedding_codec import TilingChoice
 from ivl_gateway.image_fetch import ImageFetcher, decode_data_url
-from ivl_gateway.openai_schema import parse_request
+from ivl_gateway.openai_request import parse_request
+from ivl_gateway.openai_turn import sampling_from_request, tiling_from_request
 from ivl_gateway.settings import GatewaySettings
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
@@ -119,12 +120,14 @@ def test_openai_request_parsing():
         "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "max_tokens": 5, "temperature": 0, "stop": "x", "max_tiles": 3, "use_thumbnail": False,
     })
-    assert body.sampling().max_new_tokens == 5 and list(body.sampling().stop) == ["x"]
-    assert body.tiling().max_tiles == 3 and body.tiling().use_thumbnail is False
+    sampling = sampling_from_request(body)
+    assert sampling.max_new_tokens == 5 and list(sampling.stop) == ["x"]
+    assert tiling_from_request(body).max_tiles == 3 and tiling_from_request(body).use_thumbnail is False
     with pytest.raises(ServingError, match="messages"):
         parse_request({"messages": "nope"})
-    with pytest.raises(ServingError, match="n=1"):
-        parse_request({"messages": [], "n": 2})
+    assert sampling_from_request(parse_request({"messages": [], "n": 2, "temperature": 1})).n == 2
+    with pytest.raises(ServingError, match="n is 200; it must be between 1 and 128"):
+        parse_request({"messages": [], "n": 200})
 
 
 def test_data_urls():
@@ -186,8 +189,9 @@ def test_gateway_never_imports_torch():
 
 
 async def test_dns_targets_resolve_to_one_replica_per_address():
-    from ivl_gateway.replicas import _resolve
+    from ivl_gateway.replica_targets import parse_target, resolve
 
-    assert await _resolve("10.0.0.1:5") == ["10.0.0.1:5"]
-    assert "127.0.0.1:50051" in await _resolve("dns:localhost:50051")
-    assert await _resolve("dns:no-such-host.invalid:1") == []
+    assert await resolve(parse_target("10.0.0.1:5")) == ["10.0.0.1:5"]
+    assert "127.0.0.1:50051" in await resolve(parse_target("dns:localhost:50051"))
+    assert "127.0.0.1:50051" in await resolve(parse_target("dns:///localhost:50051"))
+    assert await resolve(parse_target("dns:no-such-host.invalid:1")) == []

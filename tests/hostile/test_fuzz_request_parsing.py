@@ -3,7 +3,7 @@ the LLM service: any body gives either a request ready to send or a ServingError
 never another exception (which the HTTP layer would turn into a 500).
 
 The pipeline under test is the one /v1/chat/completions runs before calling a service:
-parse_request -> _turn_from_openai (data: URLs decoded, other URLs refused) -> collect_images ->
+parse_request -> turn_from_request (data: URLs decoded, other URLs refused) -> collect_images ->
 resolve_tiling -> llm_messages -> GenerateRequest serialised.
 Bounded and deterministic (derandomize): 200 examples per property, a few seconds.
 """
@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ivl_gateway.conversation import TurnLimits, collect_images, llm_messages, resolve_tiling
 from ivl_gateway.embedding_codec import TilingChoice
-from ivl_gateway.http_api import _turn_from_openai
 from ivl_gateway.image_fetch import ImageFetcher
-from ivl_gateway.openai_schema import parse_request
+from ivl_gateway.openai_request import parse_request
+from ivl_gateway.openai_turn import turn_from_request
 from ivl_gateway.settings import GatewaySettings
 from ivl_proto.errors import ServingError
 from ivl_proto.llm.v1 import llm_pb2
@@ -38,7 +38,7 @@ def run_pipeline(payload: Any) -> bytes | ServingError:
     """What the HTTP API does before any downstream call; a ServingError is a refusal, returned."""
     try:
         body = parse_request(payload)
-        turn = asyncio.run(_turn_from_openai(body, ImageFetcher(GATEWAY)))
+        turn = asyncio.run(turn_from_request(body, ImageFetcher(GATEWAY), GATEWAY, "chatcmpl-fuzz"))
         images = collect_images(turn, LIMITS)
         resolve_tiling(turn.tiling, DEFAULT_TILING, 40)
         request = llm_pb2.GenerateRequest(

@@ -188,22 +188,22 @@ def test_bodies_that_are_not_json_are_415(stack, memory, content, content_type):
     [
         (b"", "application/json", "not valid JSON"),
         (b"\xff\xfe\x00{", "application/json", "not valid JSON"),
-        (b"[1, 2, 3]", "application/json", "invalid request body"),
-        (b"\"just a string\"", "application/json", "invalid request body"),
+        (b"[1, 2, 3]", "application/json", "must be a JSON object"),
+        (b"\"just a string\"", "application/json", "must be a JSON object"),
         (b"{\"messages\": \"hello\"}", "application/json", "messages"),
         (b"{\"messages\": []}", "application/json", "empty"),
         (b"{\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}]}", "application/json", "role"),
         (b"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"video\"}]}]}", "application/json",
-         "messages.0.content"),
+         "message 0, part 0: type 'video' is not supported"),
         (b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": -5}", "application/json",
          "max_tokens"),
         (json.dumps({**chat_body("hi", [PNG], stream=False), "max_tiles": 100000}).encode(), "application/json",
          "max_tiles is 100000"),
-        (b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"n\": 3}", "application/json", "n is 3"),
+        (b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"n\": 300}", "application/json", "n is 300"),
         (b"{" * 100_000, "application/json", "not valid JSON"),
     ],
     ids=["empty_body", "bad_utf8", "json_list", "json_string", "messages_str",
-         "no_messages", "bad_role", "bad_part_type", "negative_max_tokens", "max_tiles_huge", "n_3", "many_open_braces"],
+         "no_messages", "bad_role", "bad_part_type", "negative_max_tokens", "max_tiles_huge", "n_300", "many_open_braces"],
 )
 def test_wrong_content_types_and_malformed_bodies(stack, memory, content, content_type, needle):
     assert_clear_refusal(post(stack, content, headers={"content-type": content_type}), 400, needle)

@@ -142,7 +142,7 @@ def test_multi_turn_multi_image_request_runs(stub):
         (request(text="<image>\n<image>\nTwo?"), "2 '<image>' placeholder(s) but 1 image embedding(s)"),
         (request(embeddings=[embedding(width=32)]), "32 wide but the LLM's hidden size is 64"),
         (request(max_new_tokens=900), "> the context length 1024"),
-        (request(max_new_tokens=0), "max_new_tokens is 0"),
+        (request(max_new_tokens=0), "max_new_tokens (OpenAI max_tokens) is 0"),
         (request(temperature=-1), "temperature is -1"),
         (request(top_p=1.5), "top_p is 1.5"),
         (

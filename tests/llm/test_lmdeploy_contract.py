@@ -16,6 +16,7 @@ import asyncio
 import copy
 import dataclasses
 import inspect
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from ivl_llm.backends.lmdeploy_backend import LMDeployAPI, LMDeployBackend, load_lmdeploy_api
 from ivl_llm.checkpoint import read_checkpoint
 from ivl_llm.prompt import ImageEmbedding
-from ivl_llm.sampling import Sampling
+from ivl_llm.sampling import Guided, Sampling
 from ivl_llm.service import Finished, LLMService
 from ivl_llm.templates import ChatMessage
 from ivl_proto.errors import ErrorCode, ServingError
@@ -148,6 +149,65 @@ def test_generation_config_means_what_we_assume(lmdeploy, tiny_qwen2_original):
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT and "0 (greedy) .. 2.0" in caught.value.message
 
 
+def test_the_new_sampling_fields_reach_turbomind_as_assumed(lmdeploy, tiny_qwen2_original):
+    """Every GenerationConfig field the backend sets for the OpenAI-style sampling options exists, passes
+    LMDeploy's own validation, and becomes the engine field we mean (bad ids, min tokens, logprobs)."""
+    from lmdeploy.turbomind.turbomind import TurboMindInstance
+
+    backend = LMDeployBackend(read_checkpoint(tiny_qwen2_original), server_settings(tiny_qwen2_original),
+                              api=real_api(lmdeploy, None))
+    fields = {f.name for f in dataclasses.fields(lmdeploy.GenerationConfig)}
+    prompt = SimpleNamespace(max_new_tokens=9)
+    sampling = Sampling(temperature=0.5, seed=4, logit_bias=((11, -100.0), (12, -100.0)), min_new_tokens=3,
+                        logprobs=True, top_logprobs=5, stop_token_ids=(8,), n=2,
+                        guided=Guided("json_schema", json_schema=json.dumps({"type": "object"})))
+    config = backend.generation_config(prompt, sampling, [7, 8], choice=1)
+    assert {"bad_token_ids", "min_new_tokens", "logprobs", "response_format", "random_seed"} <= fields
+    assert (config.bad_token_ids, config.min_new_tokens, config.logprobs) == ([11, 12], 3, 5)
+    assert config.random_seed == 5  # choice 1 of a seeded request: seed + 1, so the choices differ
+    assert config.response_format == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
+    native = TurboMindInstance._get_generation_config(None, config)
+    assert native.bad_ids == [[11, 12], [1, 2]] and native.min_new_tokens == 3 and native.output_logprobs == 5
+    assert native.eos_ids == [7, 8] and native.random_seed == 5
+    only_logprob = backend.generation_config(prompt, Sampling(logprobs=True), [7])
+    assert only_logprob.logprobs == 1  # the chosen token's logprob needs the engine's top-1 at least
+    plain = backend.generation_config(prompt, Sampling(), [7])
+    assert plain.min_new_tokens is None and plain.logprobs is None and plain.response_format is None
+
+
+@pytest.mark.parametrize("guided", [
+    Guided("json_object"),
+    Guided("json_schema", json_schema=json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                                                  "required": ["a"]})),
+    Guided("tool_calls", call_schemas=(json.dumps({"type": "object", "properties": {"name": {"const": "f"}}}),),
+           required=True, parallel=True),
+    Guided("tool_calls", call_schemas=(json.dumps({"type": "object"}), json.dumps({"type": "object"})), required=False),
+])
+def test_our_response_formats_pass_lmdeploys_own_check(lmdeploy, guided):
+    """TurboMind disables guided decoding with only a warning when its compile fails: the formats we send
+    must be ones LMDeploy's own check (`ensure_response_format_compilable`, real xgrammar) accepts."""
+    from ivl_llm.backends.lmdeploy_backend import response_format
+    from lmdeploy._guided_decoding import _grammar_source, ensure_response_format_compilable
+
+    fmt = response_format(guided)
+    ensure_response_format_compilable(fmt)
+    kind, _ = _grammar_source(fmt)
+    assert kind == {"json_object": "json_schema", "json_schema": "json_schema", "tool_calls": "structural_tag"}[guided.kind]
+
+
+@pytest.mark.parametrize(("sampling", "needle"), [
+    (Sampling(presence_penalty=0.5), "presence_penalty is not supported by the lmdeploy backend"),
+    (Sampling(frequency_penalty=-0.5), "frequency_penalty is not supported by the lmdeploy backend"),
+    (Sampling(logit_bias=((3, 2.0),)), "logit_bias is not supported by the lmdeploy backend: TurboMind can only ban"),
+])
+def test_what_turbomind_cannot_do_is_refused_by_name(lmdeploy, tiny_qwen2_original, sampling, needle):
+    backend = LMDeployBackend(read_checkpoint(tiny_qwen2_original), server_settings(tiny_qwen2_original),
+                              api=real_api(lmdeploy, None))
+    with pytest.raises(ServingError) as caught:
+        backend.generation_config(SimpleNamespace(max_new_tokens=4), sampling, [7])
+    assert needle in caught.value.message and caught.value.code is ErrorCode.INVALID_ARGUMENT
+
+
 def test_prepare_inputs_concatenates_our_embeddings_in_the_engine_dtype(lmdeploy, tiny_original):
     comm = turbomind_stub.StubModelComm(script=lambda: iter(()))
     settings = server_settings(tiny_original, backend="lmdeploy", dtype="float16")
@@ -217,6 +277,30 @@ async def test_cancelling_reaches_the_engine_and_frees_slot_and_instance(lmdeplo
             break
         await asyncio.sleep(0.01)
     assert comm.calls[-1].cancelled  # the real loop called model_inst.cancel() when the stream closed
+    assert service.scheduler.active == 0 and service.backend.pool.qsize() == 2
+    await service.close()
+
+
+async def test_logprobs_and_two_choices_through_the_real_stream_loop(lmdeploy, tiny_qwen2_original):
+    """logprobs: the real `_get_logprobs` output ({id: logprob} per token) becomes our TokenLogprob entries;
+    n=2: two sequences on two instances, seeds seed and seed + 1, both streamed, slot and instances back."""
+    service, comm = await make_service(lmdeploy, tiny_qwen2_original, lambda: iter([40, 41, 42]))
+    sampling = Sampling(max_new_tokens=3, temperature=0.7, seed=9, n=2, logprobs=True, top_logprobs=2)
+    events = [e async for e in service.generate([ChatMessage("user", "hi")], [], sampling)]
+    final = events[-1]
+    assert isinstance(final, Finished) and final.choice_reasons == ("length", "length")
+    by_choice = {i: [lp for e in events[:-1] if e.index == i for lp in e.logprobs] for i in (0, 1)}
+    for entries in by_choice.values():
+        assert [e.token_id for e in entries] == [40, 41, 42]
+        assert all(e.logprob == -0.5 and [t.token_id for t in e.top] == [e.token_id, e.token_id + 1] for e in entries)
+        assert all([t.logprob for t in e.top] == [-0.5, -1.5] for e in entries)
+    assert final.usage.completion_tokens == 6
+    assert sorted(call.gen_cfg.random_seed for call in comm.calls[-2:]) == [9, 10]
+    assert all(call.gen_cfg.output_logprobs == 2 for call in comm.calls[-2:])
+    for _ in range(500):  # the slot comes back once the engine has let go (a callback of the next loop turn)
+        if service.scheduler.active == 0 and service.backend.pool.qsize() == 2:
+            break
+        await asyncio.sleep(0.01)
     assert service.scheduler.active == 0 and service.backend.pool.qsize() == 2
     await service.close()
 

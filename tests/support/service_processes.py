@@ -4,9 +4,12 @@ Unlike support.stack.ProcessStack (all or nothing), every service here can be ki
 paused (SIGSTOP), resumed and restarted on the same port while the others keep running, and each
 process's RSS and CPU time can be read from /proc:
 
-    with process_backend(ckpt_path, gateway={"vision_timeout_s": 3}) as backend:
+    with process_backend(ckpt_path, gateway={"vision_timeout_s": 3}, vision_replicas=2) as backend:
         backend.gateway.http_url / backend.gateway.grpc_address
         backend.vision.kill(); backend.vision.start(); backend.vision.wait_serving()
+        backend.visions[1], backend.llms[0]      # every replica (backend.vision is visions[0])
+        backend.new_vision(host="127.0.0.2", port=p)   # one more (not started, not in the gateway's addresses)
+    process_backend(ckpt_path, vision_at=[("127.0.0.1", p), ("127.0.0.2", p)])  # replicas like pods: own IPs
         backend.llm.pause(); backend.llm.resume()
         backend.redis.stop(); backend.redis.start()
         backend.gateway.metrics()          # {(name, (("label", "value"), ...)): value} from /metrics
@@ -86,11 +89,12 @@ def _env(prefix: str, overrides: dict[str, Any]) -> dict[str, str]:
 class ServiceProcess:
     """`python -m MODULE` with IVL_* settings on a fixed loopback port; restartable on that port."""
 
-    def __init__(self, name: str, module: str, env: dict[str, str], port: int) -> None:
+    def __init__(self, name: str, module: str, env: dict[str, str], port: int, host: str = "127.0.0.1") -> None:
         self.name = name
         self.module = module
         self.env = env
         self.port = port
+        self.host = host
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         # stderr goes to a file (a pipe nobody reads would block a chatty process once it is full)
@@ -98,7 +102,7 @@ class ServiceProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -214,8 +218,8 @@ class GatewayProcess(ServiceProcess):
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(f"{self.http_url}/metrics", timeout=10).text
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        return {  # keyed without model_name (every series carries it: the served model)
+            (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))): sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
@@ -236,29 +240,52 @@ class ProcessBackend:
         gateway: dict[str, Any] | None = None,
         vision: dict[str, Any] | None = None,
         llm: dict[str, Any] | None = None,
+        vision_replicas: int = 1,
+        llm_replicas: int = 1,
+        vision_at: list[tuple[str, int]] | None = None,
     ) -> None:
         self.redis: RedisServer | None = RedisServer(maxmemory="128mb") if redis else None
-        vision_port, llm_port = free_port(), free_port()
-        self.vision = ServiceProcess("vision", "ivl_vision", _env("IVL_VISION_", {
-            "model_path": model_path, "host": "127.0.0.1", "port": vision_port, "torch_threads": 1,
-            "warmup": False, "grace_s": 0.5, **(vision or {}),
-        }), vision_port)
-        self.llm = ServiceProcess("llm", "ivl_llm", _env("IVL_LLM_", {
-            "model_path": llm_model_path or model_path, "host": "127.0.0.1", "port": llm_port,
-            "torch_threads": 1, "warmup": False, "grace_s": 0.5, **(llm or {}),
-        }), llm_port)
+        self._model_path = model_path
+        self._llm_model_path = llm_model_path or model_path
+        self._vision_overrides = vision or {}
+        self._llm_overrides = llm or {}
+        places = vision_at or [("127.0.0.1", 0)] * vision_replicas  # vision_at: (host, port) of each replica
+        self.visions = [self.new_vision(host, port, name="vision" if i == 0 else f"vision-{i + 1}")
+                        for i, (host, port) in enumerate(places)]
+        self.llms = [self.new_llm(name="llm" if i == 0 else f"llm-{i + 1}") for i in range(llm_replicas)]
+        self.vision, self.llm = self.visions[0], self.llms[0]
         self._gateway_overrides = gateway or {}
         self.gateway = self.new_gateway()
+
+    def new_vision(
+        self, host: str = "127.0.0.1", port: int | None = None, name: str = "", **overrides: Any
+    ) -> ServiceProcess:
+        """A vision service process (not started; not one of this backend's gateway addresses)."""
+        port = port or free_port()
+        return ServiceProcess(name or f"vision-{host}-{port}", "ivl_vision", _env("IVL_VISION_", {
+            "model_path": self._model_path, "host": host, "port": port, "torch_threads": 1,
+            "warmup": False, "grace_s": 0.5, **self._vision_overrides, **overrides,
+        }), port, host)
+
+    def new_llm(
+        self, host: str = "127.0.0.1", port: int | None = None, name: str = "", **overrides: Any
+    ) -> ServiceProcess:
+        """An LLM service process (not started; not one of this backend's gateway addresses)."""
+        port = port or free_port()
+        return ServiceProcess(name or f"llm-{host}-{port}", "ivl_llm", _env("IVL_LLM_", {
+            "model_path": self._llm_model_path, "host": host, "port": port,
+            "torch_threads": 1, "warmup": False, "grace_s": 0.5, **self._llm_overrides, **overrides,
+        }), port, host)
 
     def new_gateway(self, **overrides: Any) -> GatewayProcess:
         """A gateway process (not started) in front of this backend's services: the backend's gateway
         settings, then `overrides`."""
         grpc_port, http_port = free_port(), free_port()
         return GatewayProcess(_env("IVL_GATEWAY_", {
-            "vision_addresses": self.vision.address, "llm_addresses": self.llm.address,
+            "vision_addresses": [v.address for v in self.visions], "llm_addresses": [m.address for m in self.llms],
             "redis_url": self.redis.url if self.redis is not None else "",
             "grpc_host": "127.0.0.1", "grpc_port": grpc_port, "http_host": "127.0.0.1", "http_port": http_port,
-            "health_interval_s": 0.5, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
+            "dns_refresh_s": 1.0, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
             **self._gateway_overrides, **overrides,
         }), grpc_port, http_port)
 
@@ -276,7 +303,7 @@ class ProcessBackend:
 
     @property
     def services(self) -> list[ServiceProcess]:
-        return [self.vision, self.llm, self.gateway]
+        return [*self.visions, *self.llms, self.gateway]
 
     def start(self, wait_ready: bool = True) -> ProcessBackend:
         try:
@@ -284,8 +311,8 @@ class ProcessBackend:
                 self.redis.start()
             for service in self.services:
                 service.start()
-            self.vision.wait_serving()
-            self.llm.wait_serving()
+            for service in [*self.visions, *self.llms]:
+                service.wait_serving()
             if wait_ready:
                 self.gateway.wait_ready()
         except BaseException:

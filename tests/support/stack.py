@@ -12,7 +12,8 @@ can be shared by sync and async tests and by module/session fixtures):
         stack.run(coro)         # run a coroutine in the stack's loop (e.g. to read server state)
 
 Options: vision_replicas=N, llm_replicas=N, redis=False (no cache), gateway=dict of GatewaySettings
-overrides, vision=dict of VisionSettings overrides, llm=dict of LLMSettings overrides.
+overrides, vision=dict of VisionSettings overrides, llm=dict of LLMSettings overrides,
+tracer_providers={"gateway"|"vision"|"llm": TracerProvider} (OpenTelemetry spans of each service).
 
 As subprocesses (what a user runs: `python -m ivl_vision`, `python -m ivl_llm`, `python -m ivl_gateway`),
 for end-to-end and load tests:
@@ -52,8 +53,10 @@ class Stack:
         gateway: dict[str, Any] | None = None,
         vision: dict[str, Any] | None = None,
         llm: dict[str, Any] | None = None,
+        tracer_providers: dict[str, Any] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
+        self._tracers = tracer_providers or {}
         self.redis: RedisServer | None = RedisServer(maxmemory="128mb") if redis else None
         self._gateway_overrides = gateway or {}
         self._vision_overrides = {"warmup": False, **(vision or {})}
@@ -117,7 +120,7 @@ class Stack:
         )
         from ivl_gateway.server import build_gateway
 
-        self.gateway = build_gateway(self.gateway_settings())
+        self.gateway = build_gateway(self.gateway_settings(), self._tracers.get("gateway"))
         await self.gateway.start()
 
     def gateway_settings(self, **overrides: Any) -> Any:
@@ -129,7 +132,7 @@ class Stack:
             "llm_addresses": self.llm_addresses,
             "redis_url": self.redis.url if self.redis is not None else "",
             "grpc_host": "127.0.0.1", "grpc_port": 0, "http_host": "127.0.0.1", "http_port": 0,
-            "health_interval_s": 0.5, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
+            "dns_refresh_s": 1.0, "replica_backoff_s": 0.5, "redis_retry_s": 0.5, "grace_s": 0.5,
         }
         fields.update(self._gateway_overrides)
         fields.update(overrides)
@@ -158,7 +161,8 @@ class Stack:
         from ivl_vision.server import build_server
         from support.vision_server import server_settings
 
-        server = build_server(server_settings(self.model_path, port=self.vision_ports[index], **self._vision_overrides))
+        server = build_server(server_settings(self.model_path, port=self.vision_ports[index], **self._vision_overrides),
+                              tracer_provider=self._tracers.get("vision"))
         await server.start()
         await server.wait_ready(READY_TIMEOUT_S)
         self.vision_servers[index] = server
@@ -171,7 +175,7 @@ class Stack:
             "model_path": str(self.model_path), "host": "127.0.0.1", "port": self.llm_ports[index], "grace_s": 0.5,
         }
         fields.update(self._llm_overrides)
-        server = build_server(LLMSettings(**fields))
+        server = build_server(LLMSettings(**fields), tracer_provider=self._tracers.get("llm"))
         await server.start()
         self.llm_servers[index] = server
 
@@ -276,7 +280,7 @@ class ProcessStack:
             "IVL_GATEWAY_REDIS_URL": self.redis.url if self.redis is not None else "",
             "IVL_GATEWAY_GRPC_HOST": "127.0.0.1", "IVL_GATEWAY_GRPC_PORT": str(self._grpc_port),
             "IVL_GATEWAY_HTTP_HOST": "127.0.0.1", "IVL_GATEWAY_HTTP_PORT": str(self._http_port),
-            "IVL_GATEWAY_HEALTH_INTERVAL_S": "0.5",
+            "IVL_GATEWAY_DNS_REFRESH_S": "1.0",
         })
         try:
             self.wait_ready()

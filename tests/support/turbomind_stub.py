@@ -185,6 +185,12 @@ class StubModelRequest:
         prompt_len = int(inputs["input_ids"].shape[0])
         output_ids = torch.zeros(self.comm.session_len + 1, dtype=torch.int32)
         outputs = TensorMap(output_ids=output_ids, sequence_length=torch.zeros(1, dtype=torch.int32))
+        logprob_rows = int(getattr(gen_cfg, "output_logprobs", 0) or 0)
+        if logprob_rows:  # the engine's top-N logprobs per generated token (N <= 1024), as TurboMind fills them
+            steps = int(gen_cfg.max_new_tokens)
+            outputs.update(logprob_vals=torch.full((steps, 1024), float("-inf")),
+                           logprob_indexes=torch.zeros((steps, 1024), dtype=torch.int32),
+                           logprob_nums=torch.zeros(steps, dtype=torch.int32))
         state = SharedState(prompt_len)
         metrics = RequestMetrics(cached_tokens=self.comm.cached_tokens, enqueue_time=time.time() * 1e6, scheduled_time=0)
         eos = set(getattr(gen_cfg, "eos_ids", []) or [])
@@ -204,6 +210,12 @@ class StubModelRequest:
                 if token in eos:  # stop tokens are not returned (GenerationConfig.stop_token_ids)
                     break
                 output_ids[seq_len] = token
+                if logprob_rows:  # the chosen token ranked first at -0.5, then token + 1, + 2, ... each 1 lower
+                    position = seq_len - prompt_len
+                    for rank in range(logprob_rows):
+                        outputs["logprob_indexes"][position, rank] = token + rank
+                        outputs["logprob_vals"][position, rank] = -0.5 - rank
+                    outputs["logprob_nums"][position] = logprob_rows
                 seq_len += 1
                 if count >= gen_cfg.max_new_tokens:
                     break

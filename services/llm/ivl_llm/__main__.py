@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 
+from ivl_proto.request_context import install_request_id_logging
+
 from ivl_llm.server import serve
 from ivl_llm.settings import LLMSettings
 
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> LLMSettings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_request_id_logging(logging.INFO)  # "[request id]" on every line
     settings = parse_args(argv)
     if not settings.model_path:
         raise SystemExit("set --model-path or IVL_LLM_MODEL_PATH to a checkpoint folder")

@@ -124,7 +124,7 @@ class PromptBuilder:
         total = len(input_ids) + max_new_tokens
         if total > self.context_length:
             raise invalid(
-                f"the prompt is {len(input_ids)} tokens and max_new_tokens is {max_new_tokens}: "
+                f"the prompt is {len(input_ids)} tokens and max_new_tokens (OpenAI max_tokens) is {max_new_tokens}: "
                 f"{total} > the context length {self.context_length}; send fewer or smaller images, "
                 "a shorter conversation or a smaller max_new_tokens"
             )

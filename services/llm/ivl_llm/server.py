@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health
+from ivl_proto import tracing
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
     bind,
@@ -19,6 +20,9 @@ from ivl_proto.grpc_runtime import (
 )
 from ivl_proto.internal_auth import token_server_interceptors
 from ivl_proto.llm.v1 import llm_pb2
+from ivl_proto.metrics_runtime import MetricsServer
+from ivl_proto.request_context import RequestIdServerInterceptor
+from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_llm.service import LLMService
 from ivl_llm.servicer import LanguageModelServicer, add_llm_servicer
@@ -36,7 +40,10 @@ class LLMServer:
     host: str
     health: health.aio.HealthServicer
     service: LLMService
+    settings: LLMSettings
     loading: asyncio.Task[None] | None = None
+    metrics_server: MetricsServer | None = None
+    tracer_provider: TracerProvider | None = None
 
     @property
     def address(self) -> str:
@@ -47,6 +54,10 @@ class LLMServer:
         """Start answering at once (health NOT_SERVING) and load + warm the model; health turns SERVING
         when that is done. wait=True returns then; wait=False returns at once (see wait_ready)."""
         await self.server.start()
+        if self.settings.metrics_port and self.metrics_server is None:
+            self.metrics_server = MetricsServer.start(
+                self.service.metrics.exposed, self.settings.metrics_host or self.host, self.settings.metrics_port)
+            log.info("LLM metrics on port %d", self.metrics_server.port)
         await set_serving(self.health, [SERVICE_NAME], False)
         self.loading = asyncio.create_task(self._load())
         if wait:
@@ -67,17 +78,27 @@ class LLMServer:
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()
         await graceful_stop(self.server, self.health, grace_s, on_stopped=self.service.close)
+        tracing.shutdown(self.tracer_provider)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
 
-def build_server(settings: LLMSettings, service: LLMService | None = None) -> LLMServer:
-    """Create the server and bind it (port 0 picks a free port); nothing is loaded yet."""
+def build_server(
+    settings: LLMSettings, service: LLMService | None = None, tracer_provider: TracerProvider | None = None
+) -> LLMServer:
+    """Create the server and bind it (port 0 picks a free port); nothing is loaded yet. Tracing: the given
+    provider, else OTLP to settings.otlp_traces_endpoint, else off."""
     service = service or LLMService(settings)
-    server = new_aio_server(settings.max_message_bytes,
-                            interceptors=token_server_interceptors(settings.auth_token, "LLM"))
+    provider = tracer_provider or tracing.tracer_provider("ivl-llm", settings.otlp_traces_endpoint)
+    service.tracer = tracing.tracer_of(provider, "ivl_llm")
+    server = new_aio_server(settings.max_message_bytes, interceptors=[
+        *tracing.server_interceptors(provider), *token_server_interceptors(settings.auth_token, "LLM"),
+        RequestIdServerInterceptor()])
     add_llm_servicer(LanguageModelServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.port)
-    return LLMServer(server, port, settings.host, health_servicer, service)
+    return LLMServer(server, port, settings.host, health_servicer, service, settings, tracer_provider=provider)
 
 
 async def serve(settings: LLMSettings) -> None:

@@ -15,8 +15,8 @@ from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.tensor_codec import tensor_from_pb
 
 from ivl_llm.prompt import ImageEmbedding
-from ivl_llm.sampling import Sampling
-from ivl_llm.service import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Finished, LLMService
+from ivl_llm.sampling import Guided, Sampling
+from ivl_llm.service import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Finished, LLMService, TokenLogprob
 from ivl_llm.templates import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_USER, ChatMessage
 
 ROLES = {
@@ -53,6 +53,34 @@ def sampling_from_pb(params: common_pb2.SamplingParams) -> Sampling:
         repetition_penalty=float(get("repetition_penalty", 1.0)),  # type: ignore[arg-type]
         seed=get("seed", None),  # type: ignore[arg-type]
         stop=tuple(params.stop),
+        presence_penalty=float(get("presence_penalty", 0.0)),  # type: ignore[arg-type]
+        frequency_penalty=float(get("frequency_penalty", 0.0)),  # type: ignore[arg-type]
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in params.logit_bias.items())),
+        min_new_tokens=int(get("min_new_tokens", 0)),  # type: ignore[call-overload]
+        stop_token_ids=tuple(int(i) for i in params.stop_token_ids),
+        logprobs=params.logprobs,
+        top_logprobs=int(get("top_logprobs", 0)),  # type: ignore[call-overload]
+        n=int(get("n", 1)),  # type: ignore[call-overload]
+        guided=guided_from_pb(params.guided) if params.HasField("guided") else None,
+    )
+
+
+def guided_from_pb(guided: common_pb2.GuidedDecoding) -> Guided | None:
+    kind = guided.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return Guided("json_object") if guided.json_object else None
+    if kind == "json_schema":
+        return Guided("json_schema", json_schema=guided.json_schema)
+    calls = guided.tool_calls
+    return Guided("tool_calls", call_schemas=tuple(calls.call_schemas), required=calls.required, parallel=calls.parallel)
+
+
+def logprob_to_pb(entry: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=entry.token_id, token=entry.token, logprob=entry.logprob, token_bytes=entry.token_bytes,
+        top=[logprob_to_pb(t) for t in entry.top],
     )
 
 
@@ -120,10 +148,13 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
             async for event in events:
                 if isinstance(event, Finished):
                     usage = common_pb2.Usage(**vars(event.usage))
-                    final = llm_pb2.Final(finish_reason=FINISH_REASONS[event.reason], usage=usage)
+                    final = llm_pb2.Final(finish_reason=FINISH_REASONS[event.reason], usage=usage,
+                                          choice_finish_reasons=[FINISH_REASONS[r] for r in event.choice_reasons])
                     yield llm_pb2.GenerateResponse(final=final)
                 else:
-                    yield llm_pb2.GenerateResponse(delta=llm_pb2.Delta(text=event.text, tokens=event.tokens, token_ids=event.token_ids))
+                    yield llm_pb2.GenerateResponse(delta=llm_pb2.Delta(
+                        text=event.text, tokens=event.tokens, token_ids=event.token_ids, index=event.index,
+                        logprobs=[logprob_to_pb(e) for e in event.logprobs]))
         finally:
             await events.aclose()  # a cancelled call stops the generation here, at once
 

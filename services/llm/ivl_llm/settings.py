@@ -30,12 +30,17 @@ class LLMSettings(BaseSettings):
     system_message: str | None = Field(None, description="override the template's default system message")
     max_concurrency: int = Field(1, ge=1, description="requests generating at once")
     max_queue: int = Field(8, ge=0, description="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    max_n: int = Field(16, ge=1, le=128, description="most choices one request may ask for (OpenAI n)")
     default_max_new_tokens: int = Field(512, ge=1)
     max_new_tokens_limit: int = Field(8192, ge=1)
     context_length: int = Field(0, ge=0, description="0 = the checkpoint's max_position_embeddings")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024)
     grace_s: float = Field(5.0, ge=0)
     warmup: bool = True
+    metrics_host: str = Field("", description="address of the Prometheus metrics port; empty = host")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port serving Prometheus metrics; 0 = off")
+    otlp_traces_endpoint: str = Field(
+        "", description="OTLP/gRPC collector (e.g. http://otel-collector:4317) for OpenTelemetry spans; empty = off")
     prefix_cache_bytes: int = Field(
         1024**3,
         ge=0,

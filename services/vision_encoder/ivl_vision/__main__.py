@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from ivl_proto.errors import ServingError
+from ivl_proto.request_context import install_request_id_logging
 
 from ivl_vision.settings import SettingsError, load_settings
 
@@ -33,9 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    install_request_id_logging(logging.getLevelName(args.log_level.upper()))  # "[request id]" on every line
     overrides: dict[str, Any] = {
         name: value
         for name, value in {

@@ -89,6 +89,7 @@ class TileBatcher:
         max_queued_tiles: int,
         batching: bool = True,
         stage_fn: StageFn | None = None,
+        on_forward: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_tiles < 1 or max_queued_tiles < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_tiles and max_queued_tiles must be >= 1 and max_wait_ms >= 0")
@@ -98,6 +99,7 @@ class TileBatcher:
         self.max_wait_s = max_wait_ms / 1000.0 if batching else 0.0
         self.max_queued_tiles = max_queued_tiles
         self.batching = batching
+        self._on_forward = on_forward  # (tiles, seconds) after each successful forward (metrics)
         self.stats = BatcherStats()
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_tiles = 0
@@ -277,7 +279,9 @@ class TileBatcher:
         tiles = sum(p.stop - p.start for p in pieces)
         loop = asyncio.get_running_loop()
         try:
-            output = await loop.run_in_executor(self._executor, self._encode_fn, await staged)
+            batch = await staged
+            started = time.perf_counter()  # the forward alone, not the wait for its staging
+            output = await loop.run_in_executor(self._executor, self._encode_fn, batch)
             if output.shape[0] != tiles:
                 raise ValueError(f"encoder returned {output.shape[0]} rows for {tiles} tiles")
         except Exception as error:
@@ -294,6 +298,8 @@ class TileBatcher:
         self.stats.forwards += 1
         self.stats.tiles_encoded += tiles
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, tiles)
+        if self._on_forward is not None:
+            self._on_forward(tiles, time.perf_counter() - started)
         offset = 0
         for piece in pieces:
             size = piece.stop - piece.start

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ivl_proto import tracing
 from ivl_proto.errors import ServingError
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
@@ -27,6 +28,9 @@ from ivl_proto.grpc_runtime import (
     wait_for_stop_signal,
 )
 from ivl_proto.internal_auth import token_server_interceptors
+from ivl_proto.metrics_runtime import MetricsServer
+from ivl_proto.request_context import RequestIdServerInterceptor
+from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_vision.batching import TileBatcher
 from ivl_vision.checkpoint_config import declared_dtype
@@ -68,11 +72,15 @@ def load_encoder(settings: VisionSettings, device: str, dtype: str) -> Any:
 class VisionServer:
     """One gRPC server with its model; start() binds and returns the port, loading runs behind it."""
 
-    def __init__(self, settings: VisionSettings, load: LoadEncoder = load_encoder) -> None:
+    def __init__(
+        self, settings: VisionSettings, load: LoadEncoder = load_encoder, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
         self._load = load
-        self._server = new_aio_server(settings.max_message_bytes,
-                                      interceptors=token_server_interceptors(settings.auth_token, "vision"))
+        self.tracer_provider = tracer_provider or tracing.tracer_provider("ivl-vision", settings.otlp_traces_endpoint)
+        self._server = new_aio_server(settings.max_message_bytes, interceptors=[
+            *tracing.server_interceptors(self.tracer_provider), *token_server_interceptors(settings.auth_token, "vision"),
+            RequestIdServerInterceptor()])
         self._servicer = VisionEncoderServicer()
         add_vision_servicer(self._servicer, self._server)
         self._health = add_health_and_reflection(self._server, [SERVICE_NAME])
@@ -80,6 +88,7 @@ class VisionServer:
         self.service: VisionService | None = None
         self.port: int | None = None
         self._stopped = False
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -92,6 +101,10 @@ class VisionServer:
         await set_serving(self._health, [SERVICE_NAME], False)
         self.port = bind(self._server, self.settings.host, self.settings.port)
         await self._server.start()
+        if self.settings.metrics_port and self.metrics_server is None:
+            self.metrics_server = MetricsServer.start(
+                self._servicer.metrics.exposed, self.settings.metrics_host or self.settings.host, self.settings.metrics_port)
+            log.info("vision metrics on port %d", self.metrics_server.port)
         log.info("vision encoder listening on %s (loading %s)", self.address, self.settings.model_path)
         self._loading = asyncio.get_running_loop().create_task(self._load_and_warm(), name="ivl-vision-load")
         return self.port
@@ -127,9 +140,11 @@ class VisionServer:
         batcher = TileBatcher(
             pipeline.run if staged else pipeline, settings.max_batch_tiles, settings.batch_wait_ms,
             settings.max_queued_tiles, batching=settings.batching, stage_fn=pipeline.stage if staged else None,
+            on_forward=self._servicer.metrics.forward,
         )
         batcher.start()
-        service = VisionService(settings, encoder, preprocessor, batcher, embedding_dtype=embedding_dtype)
+        service = VisionService(settings, encoder, preprocessor, batcher, embedding_dtype=embedding_dtype,
+                                tracer=tracing.tracer_of(self.tracer_provider, "ivl_vision"))
         self.service = service
         self._servicer.attach(service)
         if not self._stopped:
@@ -147,6 +162,10 @@ class VisionServer:
         self._stopped = True
         grace = self.settings.grace_s if grace_s is None else grace_s
         await graceful_stop(self._server, self._health, grace, on_stopped=self._release)
+        tracing.shutdown(self.tracer_provider)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
     async def _release(self) -> None:
         if self._loading is not None and not self._loading.done():
@@ -161,8 +180,10 @@ class VisionServer:
         await self._server.wait_for_termination()
 
 
-def build_server(settings: VisionSettings, load: LoadEncoder = load_encoder) -> VisionServer:
-    return VisionServer(settings, load)
+def build_server(
+    settings: VisionSettings, load: LoadEncoder = load_encoder, tracer_provider: TracerProvider | None = None
+) -> VisionServer:
+    return VisionServer(settings, load, tracer_provider)
 
 
 async def serve(settings: VisionSettings) -> None:

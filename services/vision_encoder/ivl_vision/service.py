@@ -26,6 +26,7 @@ from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.image_budget import ImageBudget, check_images
 from ivl_proto.image_budget import PlannedImage as BudgetedImage
 from ivl_proto.worker_pool import PoolStats
+from opentelemetry import trace
 
 from ivl_vision.admission import BudgetStats, PixelBudget
 from ivl_vision.batching import BatcherStats, TileBatcher
@@ -168,8 +169,10 @@ class VisionService:
     def __init__(
         self, settings: VisionSettings, encoder: Any, preprocessor: Preprocessor, batcher: TileBatcher,
         pixel_budget: PixelBudget | None = None, embedding_dtype: str | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer or trace.NoOpTracer()
         self.encoder = encoder
         self.preprocessor = preprocessor
         self.batcher = batcher
@@ -246,11 +249,14 @@ class VisionService:
         )
         configs = self._image_tilings(images, tiling)
         started = time.perf_counter()
-        plans = await self._probe_all(images, configs)
-        self._admit(plans, budget or ImageBudget())
-        preprocessed = await self._decode_all(images, configs, plans)
+        with self.tracer.start_as_current_span("ivl.vision.decode", attributes={"ivl.images": len(images)}) as span:
+            plans = await self._probe_all(images, configs)
+            self._admit(plans, budget or ImageBudget())
+            span.set_attribute("ivl.tiles", sum(plan.num_tiles for plan in plans))
+            preprocessed = await self._decode_all(images, configs, plans)
         encode_started = time.perf_counter()
-        embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
+        with self.tracer.start_as_current_span("ivl.vision.encode", attributes={"ivl.queued_tiles": self.batcher.queued_tiles}):
+            embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
         done = time.perf_counter()
         encoded = [
             EncodedImage(embedding, _dtype_name(embedding), self._planned(p.plan, config))

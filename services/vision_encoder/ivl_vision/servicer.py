@@ -6,6 +6,9 @@ calls that arrive before `attach(service)` get UNAVAILABLE.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import grpc
 from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
@@ -15,6 +18,7 @@ from ivl_proto.image_budget import ImageBudget
 from ivl_proto.tensor_codec import tensor_to_wire
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
+from ivl_vision.metrics import VisionMetrics
 from ivl_vision.service import (
     BatchingInfo,
     DecodeInfo,
@@ -26,6 +30,7 @@ from ivl_vision.service import (
 )
 from ivl_vision.tiling import TilingConfig
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
 
 
@@ -115,11 +120,13 @@ def add_vision_servicer(servicer: VisionEncoderServicer, server: grpc.aio.Server
 
 
 class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
-    def __init__(self, service: VisionService | None = None) -> None:
+    def __init__(self, service: VisionService | None = None, metrics: VisionMetrics | None = None) -> None:
         self._service = service
+        self.metrics = metrics or VisionMetrics()
 
     def attach(self, service: VisionService) -> None:
         self._service = service
+        self.metrics.attach(service)
 
     def _require(self) -> VisionService:
         if self._service is None:
@@ -132,9 +139,26 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     @map_errors
     async def EncodeImages(self, request: vision_pb2.EncodeImagesRequest, context: grpc.aio.ServicerContext) -> bytes:
         """The EncodeImagesResponse, serialized here with one copy of each embedding (ivl_proto.tensor_wire)."""
-        result = await self._require().encode_images(
-            images_from_pb(request.images), tiling_from_pb(request.tiling), ImageBudget.from_pb(request.budget)
-        )
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            result = await self._require().encode_images(
+                images_from_pb(request.images), tiling_from_pb(request.tiling), ImageBudget.from_pb(request.budget)
+            )
+            outcome = "ok"
+        except ServingError as error:
+            outcome = error.code.value
+            raise
+        finally:
+            self.metrics.requests.labels(outcome=outcome).inc()
+        metrics = self.metrics
+        metrics.request_seconds.observe(time.perf_counter() - started)
+        metrics.preprocess_seconds.observe(result.preprocess_s)
+        metrics.request_images.observe(len(result.images))
+        tiles = sum(image.planned.plan.num_tiles for image in result.images)
+        metrics.request_tiles.observe(tiles)
+        log.debug("EncodeImages: %d image(s), %d tiles, decode %.3f s, encode %.3f s", len(result.images), tiles,
+                  result.preprocess_s, result.encode_s)
         return encode_response_bytes(result)
 
     @map_errors

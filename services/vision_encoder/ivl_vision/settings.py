@@ -113,6 +113,10 @@ class VisionSettings(BaseSettings):
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024, le=2**31 - 1)
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get to finish on shutdown")
+    metrics_host: str = Field("", description="address of the Prometheus metrics port; empty = host")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port serving Prometheus metrics; 0 = off")
+    otlp_traces_endpoint: str = Field(
+        "", description="OTLP/gRPC collector (e.g. http://otel-collector:4317) for OpenTelemetry spans; empty = off")
     warmup: bool = Field(True, description="run one dummy forward before reporting SERVING")
 
     @model_validator(mode="after")

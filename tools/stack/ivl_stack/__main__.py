@@ -21,7 +21,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--grpc-port", type=int, help="gateway gRPC port (default 50050)")
     add("--vision-port", type=int, help="vision encoder gRPC port (default 50051)")
     add("--llm-port", type=int, help="LLM service gRPC port (default 50052)")
+    add("--vision-metrics-port", type=int, help="vision service Prometheus metrics port (default 9091; 0 = off)")
+    add("--llm-metrics-port", type=int, help="LLM service Prometheus metrics port (default 9092; 0 = off)")
     add("--redis-port", type=int, help="Redis port (default 6390)")
+    add("--metrics-port", type=int, help="the launcher's own Prometheus /metrics on loopback (default 9400; 0 = off)")
     add("--redis-maxmemory", help="Redis memory cap for the embedding cache, LRU-evicted (default 1gb)")
     add("--cache-dir", help="where the tiny demo checkpoint is written (default ~/.cache/ivl-stack)")
     add("--gpu", action="store_true", default=None, help="CUDA + bfloat16, LMDeploy for the LLM")
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--auth", help="protect the UI with user:password")
     add("--no-ui", action="store_true", default=None, help="start everything but the UI")
     add("--ready-timeout-s", type=float, help="give up if a service is not ready after this long (default 900)")
-    add("--ready-file", help="write the URLs and child pids as JSON here once everything is ready")
+    add("--ready-file", help="write the URLs and child pids as JSON here once everything is ready (kept current)")
+    add("--max-restarts", type=int, help="restarts of a dead child within 300 s before it is given up (default 5)")
     return parser.parse_args(argv)
 
 

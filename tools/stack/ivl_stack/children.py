@@ -1,5 +1,6 @@
 """Child processes of the stack: each in its own process group, logs forwarded with a prefix, and
-stopped with SIGTERM to the whole group, then SIGKILL after a grace period (no orphans)."""
+stopped with SIGTERM to the whole group, then SIGKILL after a grace period (no orphans). A child
+that died can be started again (same command and environment, a new process)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ class Child:
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def reap(self) -> None:
+        """After the child exited: kill what is left of its process group, finish forwarding its log."""
+        if self.process is None:
+            return
+        _signal_group(self.process.pid, signal.SIGKILL)
+        if self._pump is not None:
+            self._pump.join(timeout=2)
+
     def terminate(self) -> None:
         """SIGTERM to the child's whole process group."""
         if self.process is not None and self.process.poll() is None:
@@ -85,6 +94,16 @@ class Child:
         _signal_group(self.process.pid, signal.SIGKILL)
         if self._pump is not None:
             self._pump.join(timeout=2)
+
+
+def describe_exit(code: int) -> str:
+    """'code 1', or 'signal SIGKILL' for a child killed by a signal (negative return codes)."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -112,6 +131,10 @@ class ChildGroup:
         with self._lock:
             self._out.write(text + "\n")
             self._out.flush()
+
+    def restart(self, child: Child) -> None:
+        """Start a child that died again: a new process, same command, environment and log prefix."""
+        child.start(self._out, self._lock)
 
     def first_exited(self) -> Child | None:
         return next((c for c in self.children if c.exit_code() is not None), None)

@@ -52,9 +52,9 @@ def model_specs(settings: StackSettings, model_path: Path, base_env: Mapping[str
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     vision_env = _env(base_env, IVL_VISION_MODEL_PATH=model_path, IVL_VISION_HOST=host,
                       IVL_VISION_PORT=settings.vision_port, IVL_VISION_DEVICE=device, IVL_VISION_DTYPE=dtype,
-                      IVL_VISION_AUTH_TOKEN=token)
+                      IVL_VISION_AUTH_TOKEN=token, IVL_VISION_METRICS_PORT=settings.vision_metrics_port)
     llm_env = _env(base_env, IVL_LLM_MODEL_PATH=model_path, IVL_LLM_HOST=host, IVL_LLM_PORT=settings.llm_port,
-                   IVL_LLM_AUTH_TOKEN=token,
+                   IVL_LLM_AUTH_TOKEN=token, IVL_LLM_METRICS_PORT=settings.llm_metrics_port,
                    IVL_LLM_DEVICE=device, IVL_LLM_DTYPE=dtype, IVL_LLM_BACKEND=settings.resolved_backend(),
                    IVL_LLM_TRUST_REMOTE_CODE="true" if settings.trust_remote_code else None)
     vision_addr, llm_addr = f"{host}:{settings.vision_port}", f"{host}:{settings.llm_port}"

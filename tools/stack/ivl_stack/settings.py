@@ -9,7 +9,10 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PORT_FIELDS = ("ui_port", "http_port", "grpc_port", "vision_port", "llm_port", "redis_port")
+PORT_FIELDS = (
+    "ui_port", "http_port", "grpc_port", "vision_port", "llm_port", "redis_port", "metrics_port", "vision_metrics_port",
+    "llm_metrics_port",
+)
 
 
 def default_cache_dir() -> Path:
@@ -32,10 +35,14 @@ class StackSettings(BaseSettings):
     vision_port: int = Field(50051, ge=1, le=65535)
     llm_port: int = Field(50052, ge=1, le=65535)
     redis_port: int = Field(6390, ge=1, le=65535)
+    # Prometheus metrics of the vision and LLM services (on the internal host, like their gRPC ports); 0 = off.
+    vision_metrics_port: int = Field(9091, ge=0, le=65535)
+    llm_metrics_port: int = Field(9092, ge=0, le=65535)
     # The vision and LLM services listen here (loopback: only this machine reaches them) and take calls only
     # with this token, which the launcher hands to the gateway; a new random one per run unless set.
     internal_host: str = "127.0.0.1"
     internal_token: str = Field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    metrics_port: int = Field(9400, ge=0, le=65535)  # the launcher's own /metrics (loopback); 0 = off
     # Redis embedding cache: a memory cap with LRU eviction, no persistence.
     redis_maxmemory: str = "1gb"
     redis_server: str = "redis-server"
@@ -53,6 +60,13 @@ class StackSettings(BaseSettings):
     stop_grace_s: float = Field(10.0, ge=0)
     ready_file: Path | None = None  # JSON with the URLs and child pids, written when everything is up
     no_ui: bool = False
+    # Once the stack is up, a child that dies is restarted after restart_backoff_s, doubling each time
+    # (at most restart_max_backoff_s); one restarted max_restarts times within restart_window_s is
+    # given up while the rest keeps serving.
+    restart_backoff_s: float = Field(1.0, ge=0)
+    restart_max_backoff_s: float = Field(30.0, ge=0)
+    max_restarts: int = Field(5, ge=0)
+    restart_window_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> StackSettings:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import warnings
 from collections.abc import Collection
@@ -23,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ivl_llm.backends.base import BackendInfo, PrefillStats
-from ivl_llm.backends.threaded import Emit, Report, ThreadedGeneration
+from ivl_llm.backends.base import BackendInfo, MatcherFactory, PrefillStats, TokenOut
+from ivl_llm.backends.threaded import Control, Emit, Report, ThreadedGeneration
 from ivl_llm.checkpoint import LLMCheckpoint, build_causal_lm
+from ivl_llm.logits import build_pipeline
 from ivl_llm.prefix_cache import PrefixCacheStats, PrefixKVCache, PromptKey
 from ivl_llm.prompt import ImageEmbedding, PreparedPrompt
 from ivl_llm.sampling import Sampling
@@ -51,28 +51,6 @@ def embedding_to_torch(embedding: ImageEmbedding) -> torch.Tensor:
     if embedding.dtype == "bfloat16":
         return tensor.view(torch.int16).view(torch.bfloat16) if tensor.dtype != torch.bfloat16 else tensor
     return tensor
-
-
-def build_processors(sampling: Sampling) -> Any:
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k > 0:
-            processors.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
-    return processors
 
 
 def reuse_blocker(model: Any) -> str | None:
@@ -121,20 +99,21 @@ class TransformersBackend:
 
     async def warm_up(self, input_ids: list[int]) -> None:
         prompt = PreparedPrompt("", input_ids, [], [], 2)
-        async for _ in self.generate(prompt, Sampling(max_new_tokens=2), (), reuse=False):
+        async for _ in self.generate(prompt, Sampling(max_new_tokens=2), (), None, reuse=False):
             pass
 
     def cache_stats(self) -> PrefixCacheStats:
         return self.prefix_cache.stats()
 
     def generate(
-        self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int], reuse: bool = True
+        self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int],
+        matchers: MatcherFactory | None = None, reuse: bool = True,
     ) -> ThreadedGeneration:
         stops = frozenset(int(i) for i in stop_token_ids)
         cache = self.prefix_cache if reuse else PrefixKVCache(0)
         return ThreadedGeneration(
             self._executor,
-            lambda emit, cancelled, report: self._decode(prompt, sampling, stops, cache, emit, cancelled, report),
+            lambda emit, control, report: self._decode(prompt, sampling, stops, cache, matchers, emit, control, report),
         )
 
     def prompt_embeddings(self, prompt: PreparedPrompt) -> torch.Tensor:
@@ -166,48 +145,87 @@ class TransformersBackend:
         sampling: Sampling,
         stops: frozenset[int],
         store: PrefixKVCache,
+        make_matchers: MatcherFactory | None,
         emit: Emit,
-        cancelled: threading.Event,
+        control: Control,
         report: Report,
     ) -> None:
-        processors = build_processors(sampling)
+        """`sampling.n` choices from one prefill: the prompt's KV is computed once (or reused from the prefix
+        cache), then repeated along the batch dimension, and every step decodes all choices in one forward."""
+        n = sampling.n
+        prompt_length = len(prompt.input_ids)
+        pipeline = build_pipeline(sampling, prompt_length, stops, self.device)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(sampling.seed))
-        seen = torch.tensor([prompt.input_ids], device=self.device)
+        seen = torch.tensor([prompt.input_ids] * n, device=self.device)
         key = PromptKey.of(prompt) if store.enabled else None
-        fed: list[int] = []  # generated tokens whose KV is in the cache
+        matchers = make_matchers(n) if make_matchers is not None else None
+        top_k = sampling.top_logprobs
+        fed: list[int] = []  # generated tokens of choice 0 whose KV is in the cache (n == 1 only)
+        done = [False] * n
         with torch.inference_mode():
             started = time.perf_counter()
             out, cache, reused = self._prefill(prompt, key, store)
+            prompt_layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+            if n > 1:
+                cache.batch_repeat_interleave(n)  # new tensors: prompt_layers keep the single prompt's KV
+            logits = out.logits[:, -1, :].float().expand(n, -1)
             try:
                 for step in range(prompt.max_new_tokens):
-                    if cancelled.is_set():
+                    for index in control.stopped:
+                        done[index] = True
+                    active = [i for i in range(n) if not done[i]]
+                    if control.cancelled.is_set() or not active:
                         return
-                    scores = processors(seen, out.logits[:, -1, :].float())
+                    raw = logits.clone() if (sampling.logprobs or not pipeline.empty or matchers) else logits
+                    logprobs = torch.log_softmax(logits, dim=-1) if sampling.logprobs else None
+                    scores = pipeline.penalties(seen, raw)
+                    if matchers is not None:
+                        matchers.mask(scores, active)
+                    scores = pipeline.warpers(seen, scores)
                     if sampling.greedy:
-                        token = torch.argmax(scores, dim=-1)
+                        tokens = torch.argmax(scores, dim=-1)
                     else:
                         probs = torch.softmax(scores, dim=-1)
-                        token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-                    token_id = int(token.item())
+                        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
                     if step == 0:
-                        report(PrefillStats(len(prompt.input_ids), reused, time.perf_counter() - started))
-                    emit(token_id)
-                    if token_id in stops or step == prompt.max_new_tokens - 1:
+                        report(PrefillStats(prompt_length, reused, time.perf_counter() - started))
+                    ids = tokens.tolist()
+                    top = logprobs.topk(top_k, dim=-1) if logprobs is not None and top_k else None
+                    for index in active:
+                        token_id = int(ids[index])
+                        if matchers is not None:
+                            matchers.accept(index, token_id)
+                        emit(self._token_out(token_id, index, logprobs, top))
+                        if token_id in stops:
+                            done[index] = True
+                    if all(done) or step == prompt.max_new_tokens - 1:
                         return
-                    seen = torch.cat([seen, token[:, None]], dim=1)
-                    if cancelled.is_set():
+                    seen = torch.cat([seen, tokens[:, None]], dim=1)
+                    if control.cancelled.is_set():
                         return
-                    out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-                    fed.append(token_id)
+                    out = self.model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+                    logits = out.logits[:, -1, :].float()
+                    fed.append(int(ids[0]))
             except BaseException:
                 key = None  # a failed step may have left the layers at different lengths: keep nothing
                 raise
             finally:
-                if key is not None:
+                if key is not None and n == 1:
                     layers = tuple((layer.keys, layer.values) for layer in cache.layers)
                     store.store(key.extended(fed), layers, prompt_length=len(key))
+                elif key is not None:  # several choices: the next turn continues one of them; keep the prompt
+                    store.store(key, prompt_layers, prompt_length=len(key))
+
+    @staticmethod
+    def _token_out(token_id: int, index: int, logprobs: torch.Tensor | None, top: Any) -> TokenOut:
+        if logprobs is None:
+            return TokenOut(token_id, index)
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if top is not None:
+            alternatives = tuple(zip(top.indices[index].tolist(), top.values[index].tolist(), strict=True))
+        return TokenOut(token_id, index, float(logprobs[index, token_id]), alternatives)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

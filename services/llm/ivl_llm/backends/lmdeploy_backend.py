@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Collection
@@ -28,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from ivl_proto.errors import ErrorCode, ServingError
 
-from ivl_llm.backends.base import BackendInfo, PrefillStats
+from ivl_llm.backends.base import BackendInfo, MatcherFactory, PrefillStats, TokenOut
 from ivl_llm.checkpoint import LLMCheckpoint
+from ivl_llm.guided import tool_calls_structural_tag
 from ivl_llm.prompt import ImageEmbedding, PreparedPrompt
-from ivl_llm.sampling import Sampling
+from ivl_llm.sampling import Guided, Sampling
 
 if TYPE_CHECKING:  # pydantic-settings is not needed to drive the backend directly (GPU scripts)
     from ivl_llm.settings import LLMSettings
@@ -48,6 +50,8 @@ FAILED_STATUSES = {
 MAX_TEMPERATURE = 2.0  # lmdeploy.GenerationConfig asserts 0 <= temperature <= 2
 # Older TurboMind instances took these per call; 0.18's async_stream_infer has no such parameters.
 LEGACY_STREAM_ARGS = {"sequence_start": True, "sequence_end": True, "step": 0}
+BAN_BIAS = -100.0  # OpenAI's logit_bias -100 bans a token: TurboMind's bad_token_ids
+_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -92,23 +96,58 @@ def failure(status: str) -> ServingError:
     return ServingError(code, f"{message} ({status})")
 
 
+def response_format(guided: Guided) -> dict[str, Any]:
+    """LMDeploy's GenerationConfig.response_format for a guided request (it compiles it with xgrammar)."""
+    if guided.kind == "json_object":
+        return {"type": "json_object"}
+    if guided.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": json.loads(guided.json_schema)}}
+    return tool_calls_structural_tag(guided)
+
+
+def unsupported(field: str, why: str) -> ServingError:
+    return ServingError(ErrorCode.INVALID_ARGUMENT, f"{field} is not supported by the lmdeploy backend: {why}")
+
+
+def token_outs(output: Any, choice: int, sampling: Sampling) -> list[TokenOut]:
+    """TurboMind's output ids, with their logprobs when asked for: `output.logprobs` is one {id: logprob}
+    dict per output token (its top-N and the chosen token)."""
+    ids = [int(t) for t in output.token_ids]
+    rows = getattr(output, "logprobs", None) if sampling.logprobs else None
+    if not rows:
+        return [TokenOut(t, choice) for t in ids]
+    out = []
+    for token_id, row in zip(ids, rows, strict=False):
+        ranked = sorted(((int(k), float(v)) for k, v in row.items()), key=lambda kv: -kv[1])
+        out.append(TokenOut(token_id, choice, float(row.get(token_id, float("-inf"))),
+                            tuple(ranked[: sampling.top_logprobs])))
+    return out + [TokenOut(t, choice) for t in ids[len(out):]]
+
+
 class LMDeployGeneration:
-    """One request on one pooled TurboMind instance; iterate for token ids, cancel() to stop."""
+    """`sampling.n` requests (one per choice, each on a pooled TurboMind instance) merged into one stream of
+    TokenOut; stop_choice(i) closes choice i's stream, cancel() all of them."""
 
     def __init__(self, backend: LMDeployBackend, prompt: PreparedPrompt, sampling: Sampling, stops: list[int]) -> None:
         self._backend = backend
         self._prompt = prompt
         self._sampling = sampling
-        self._stops = stops
         self._started = False
         self._closing: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._choices: list[asyncio.Task[None]] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.prefill: PrefillStats | None = None
-        self._gen_config = backend.generation_config(prompt, sampling, stops)  # invalid values fail here
+        # invalid values fail here, before any instance is taken
+        self._gen_configs = [backend.generation_config(prompt, sampling, stops, i) for i in range(sampling.n)]
         self._tokens = self._run()
 
-    def __aiter__(self) -> AsyncIterator[int]:
+    def __aiter__(self) -> AsyncIterator[TokenOut]:
         return self._tokens
+
+    def stop_choice(self, index: int) -> None:
+        if index < len(self._choices):
+            self._choices[index].cancel()
 
     def cancel(self) -> None:
         if self._closing is not None:
@@ -129,8 +168,38 @@ class LMDeployGeneration:
         cached = int(getattr(metrics, "cached_tokens", 0) or 0)
         return PrefillStats(len(self._prompt.input_ids), cached, elapsed_s)
 
-    async def _run(self) -> AsyncIterator[int]:
+    async def _run(self) -> AsyncIterator[TokenOut]:
         self._started = True
+        self._choices = [asyncio.ensure_future(self._run_choice(i)) for i in range(self._sampling.n)]
+        remaining = len(self._choices)
+        try:
+            while remaining:
+                item = await self._queue.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item  # type: ignore[misc]
+        finally:
+            for task in self._choices:
+                task.cancel()
+            await asyncio.gather(*self._choices, return_exceptions=True)
+            if not self.finished.done():
+                self.finished.set_result(None)
+
+    async def _run_choice(self, choice: int) -> None:
+        try:
+            async for token in self._stream(choice):
+                self._queue.put_nowait(token)
+        except asyncio.CancelledError:
+            pass  # stop_choice() or cancel(): the stream was closed, which cancels the sequence
+        except BaseException as error:  # handed to the consumer, raised there
+            self._queue.put_nowait(error)
+        finally:
+            self._queue.put_nowait(_DONE)
+
+    async def _stream(self, choice: int) -> AsyncIterator[TokenOut]:
         backend = self._backend
         instance = await backend.pool.get()
         session_id = next(backend.session_ids)
@@ -141,7 +210,7 @@ class LMDeployGeneration:
                 list(self._prompt.input_ids),
                 input_embeddings=[embedding_for_engine(e) for e in self._prompt.embeddings] or None,
                 input_embedding_ranges=[list(r) for r in self._prompt.embedding_ranges] or None,
-                gen_config=self._gen_config,
+                gen_config=self._gen_configs[choice],
                 stream_output=True,
                 **stream_arguments(instance),
             )
@@ -152,8 +221,8 @@ class LMDeployGeneration:
                         raise failure(status)
                     if self.prefill is None and output.token_ids:
                         self.prefill = self._prefill_stats(output, time.perf_counter() - started)
-                    for token_id in output.token_ids:
-                        yield int(token_id)
+                    for token in token_outs(output, choice, self._sampling):
+                        yield token
             finally:
                 await stream.aclose()  # TurboMind cancels the sequence when its stream is closed early
                 try:
@@ -162,8 +231,6 @@ class LMDeployGeneration:
                     log.debug("async_end(%s) failed", session_id, exc_info=True)
         finally:
             backend.pool.put_nowait(instance)
-            if not self.finished.done():
-                self.finished.set_result(None)
 
 
 class LMDeployBackend:
@@ -218,26 +285,49 @@ class LMDeployBackend:
         for _ in range(self.instances):
             self.pool.put_nowait(self.engine.create_instance())
 
-    def generation_config(self, prompt: PreparedPrompt, sampling: Sampling, stops: list[int]) -> Any:
+    def generation_config(self, prompt: PreparedPrompt, sampling: Sampling, stops: list[int], choice: int = 0) -> Any:
+        """LMDeploy's GenerationConfig for one choice. Fields TurboMind has no way to honour are refused by name
+        (never dropped): presence/frequency penalties, logit_bias other than -100 (a ban: bad_token_ids)."""
         assert self.api is not None
         if sampling.temperature > MAX_TEMPERATURE:
             raise ServingError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"temperature is {sampling.temperature}; the lmdeploy backend accepts 0 (greedy) .. {MAX_TEMPERATURE}",
             )
-        # TurboMind ignores do_sample: greedy is top_k=1 (its sampling layer takes top_k/top_p/temperature).
-        return self.api.generation_config(
-            max_new_tokens=prompt.max_new_tokens,
-            do_sample=not sampling.greedy,
-            temperature=sampling.temperature if not sampling.greedy else 1.0,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if not sampling.greedy else 1,
-            repetition_penalty=sampling.repetition_penalty,
-            random_seed=sampling.seed,
-            stop_token_ids=stops,
-        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(sampling, name):
+                raise unsupported(name, "TurboMind's sampling has no such parameter; use repetition_penalty")
+        banned = [token_id for token_id, bias in sampling.logit_bias if bias <= BAN_BIAS]
+        biased = [(token_id, bias) for token_id, bias in sampling.logit_bias if bias > BAN_BIAS]
+        if biased:
+            token_id, bias = biased[0]
+            raise unsupported("logit_bias", f"TurboMind can only ban tokens (bias -100); token {token_id} has bias {bias}")
+        values: dict[str, Any] = {
+            "max_new_tokens": prompt.max_new_tokens,
+            "do_sample": not sampling.greedy,
+            "temperature": sampling.temperature if not sampling.greedy else 1.0,
+            "top_p": sampling.top_p,
+            # TurboMind ignores do_sample: greedy is top_k=1 (its sampling layer takes top_k/top_p/temperature).
+            "top_k": sampling.top_k if not sampling.greedy else 1,
+            "repetition_penalty": sampling.repetition_penalty,
+            "random_seed": sampling.seed + choice if sampling.seed is not None else None,
+            "stop_token_ids": stops,
+        }
+        if banned:
+            values["bad_token_ids"] = sorted(banned)
+        if sampling.min_new_tokens:
+            values["min_new_tokens"] = sampling.min_new_tokens
+        if sampling.logprobs:
+            values["logprobs"] = max(1, sampling.top_logprobs)  # the chosen token's logprob comes with its top-N
+        if sampling.guided is not None:
+            values["response_format"] = response_format(sampling.guided)
+        return self.api.generation_config(**values)
 
-    def generate(self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int]) -> LMDeployGeneration:
+    def generate(
+        self, prompt: PreparedPrompt, sampling: Sampling, stop_token_ids: Collection[int],
+        matchers: MatcherFactory | None = None,
+    ) -> LMDeployGeneration:
+        """`matchers` is not used: TurboMind compiles `sampling.guided` (as response_format) with its own xgrammar."""
         return LMDeployGeneration(self, prompt, sampling, sorted(int(i) for i in stop_token_ids))
 
     async def close(self) -> None:

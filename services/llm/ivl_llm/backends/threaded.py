@@ -3,43 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
-from ivl_llm.backends.base import PrefillStats
+from ivl_llm.backends.base import PrefillStats, TokenOut
 
 _DONE = object()
 
-Emit = Callable[[int], None]
+Emit = Callable[[TokenOut], None]
 Report = Callable[[PrefillStats], None]
 
 
-class ThreadedGeneration:
-    """Runs `work(emit, cancelled, report)` on `executor`; the work calls emit(token_id) per token, checks
-    `cancelled` (a threading.Event) before every step and may report(PrefillStats) before its first
-    token (read as `prefill` once a token has arrived). Iterating yields the emitted ids."""
+@dataclass
+class Control:
+    """What the consumer tells the worker: stop everything (`cancelled`), or stop some choices (`stopped`)."""
 
-    def __init__(
-        self, executor: Executor, work: Callable[[Emit, threading.Event, Report], None]
-    ) -> None:
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    stopped: set[int] = field(default_factory=set)  # set.add is atomic: written by the loop, read by the worker
+
+
+class ThreadedGeneration:
+    """Runs `work(emit, control, report)` on `executor`; the work calls emit(TokenOut) per token, checks
+    `control.cancelled` before every step (and `control.stopped` for choices ended early) and may
+    report(PrefillStats) before its first token (read as `prefill` once a token has arrived). Iterating
+    yields the emitted tokens. The work runs in a copy of the caller's context (request id for the logs)."""
+
+    def __init__(self, executor: Executor, work: Callable[[Emit, Control, Report], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        self._control = Control()
         self._work = work
         self.prefill: PrefillStats | None = None
-        future = self._loop.run_in_executor(executor, self._run)
+        context = contextvars.copy_context()
+        future = self._loop.run_in_executor(executor, context.run, self._run)
         self.finished: asyncio.Future[None] = future
 
     def _put(self, item: object) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is gone: nobody listens any more
-            self._cancelled.set()
+            self._control.cancelled.set()
 
     def _run(self) -> None:
         try:
-            self._work(self._put, self._cancelled, self._report)
+            self._work(self._put, self._control, self._report)
         except BaseException as error:  # handed to the consumer, raised there
             self._put(error)
         finally:
@@ -48,10 +58,13 @@ class ThreadedGeneration:
     def _report(self, stats: PrefillStats) -> None:
         self.prefill = stats  # written before the first token is queued, read after it is received
 
-    def cancel(self) -> None:
-        self._cancelled.set()
+    def stop_choice(self, index: int) -> None:
+        self._control.stopped.add(index)
 
-    async def __aiter__(self) -> AsyncIterator[int]:
+    def cancel(self) -> None:
+        self._control.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[TokenOut]:
         try:
             while True:
                 item = await self._queue.get()
@@ -59,6 +72,7 @@ class ThreadedGeneration:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield int(item)  # type: ignore[call-overload]
+                assert isinstance(item, TokenOut)
+                yield item
         finally:
-            self._cancelled.set()
+            self._control.cancelled.set()

@@ -1,0 +1,80 @@
+"""Replicas of different models are never mixed: the gateway reads every replica's Info, refuses image chats
+while the vision replicas disagree on their fingerprint (409, naming the replicas), says so in /ready, and
+serves again once they agree. Real vision services: the second one runs the same checkpoint in bfloat16,
+which is another fingerprint (the compute dtype is part of it)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import httpx
+from gateway_helpers import data_url, new_png
+from support.redis_server import free_port
+from support.vision_server import vision_server_in_thread
+
+
+def image_chat(port: int) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(new_png(300, 200))}}, {"type": "text", "text": "?"}]}],
+        "max_tokens": 1}
+    return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+
+
+def text_chat(port: int) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+    return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+
+
+def ready(port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30)
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_vision_replicas_of_different_models_are_refused_until_they_agree(stack, tiny_original):
+    with contextlib.ExitStack() as odd_stack:
+        odd, _ = odd_stack.enter_context(vision_server_in_thread(tiny_original, dtype="bfloat16", warmup=False))
+        with stack.extra_gateway(vision_addresses=[stack.vision_addresses[0], odd], dns_refresh_s=0.5) as gateway:
+            port = gateway.ports.http
+            answer = ready(port)
+            assert answer.status_code == 503
+            message = answer.json()["vision"]["error"]
+            assert "different models" in message and stack.vision_addresses[0] in message and odd in message
+            refused = image_chat(port)
+            assert refused.status_code == 409, refused.text
+            assert "different models" in refused.json()["error"]["message"]
+            assert text_chat(port).status_code == 200  # chats without images do not need the vision model
+
+            odd_stack.close()  # the odd replica goes away: the rest agree again
+            wait_until(lambda: ready(port).status_code == 200, 30, "/ready once the replicas agree")
+            assert "no Info" in ready(port).json()["vision"]["replicas"][odd]
+            assert image_chat(port).status_code == 200
+
+
+def test_a_replica_answering_with_another_fingerprint_is_not_mixed_in(stack, tiny_original):
+    """The odd replica starts after the gateway read every Info (and the next read is far away): the first
+    encode it answers has another fingerprint; that request is refused (409), not mixed, and the gateway
+    checks the replicas again at once, finds the mismatch and says so."""
+    odd_port = free_port()
+    odd = f"127.0.0.1:{odd_port}"
+    with stack.extra_gateway(vision_addresses=[stack.vision_addresses[0], odd], dns_refresh_s=3600) as gateway:
+        port = gateway.ports.http
+        assert image_chat(port).status_code == 200  # only the first replica is up
+        with vision_server_in_thread(tiny_original, port=odd_port, dtype="bfloat16", warmup=False):
+            statuses = []
+            for _ in range(8):  # round robin reaches the odd replica once grpc's health check has seen it
+                statuses.append(image_chat(port).status_code)
+                if statuses[-1] == 409:
+                    break
+                time.sleep(0.3)
+            assert statuses[-1] == 409, statuses
+            # no periodic read comes for an hour: what follows is the immediate re-check's doing
+            wait_until(lambda: "different models" in image_chat(port).json().get("error", {}).get("message", ""),
+                       15, "the immediate re-check to find the mismatch")
+            assert ready(port).status_code == 503
