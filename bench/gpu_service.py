@@ -73,6 +73,7 @@ def service(model: Path, device: str, compile_mode: str) -> ServiceProcess:
 
 async def embedding_of(address: str, request: vision_pb2.EncodeImagesRequest) -> np.ndarray:
     import grpc
+    from ivl_proto.dtypes import bfloat16_bits_to_float32
     from ivl_proto.grpc_runtime import message_size_options
     from ivl_proto.tensor_codec import tensor_from_pb
     from ivl_proto.vision.v1 import vision_pb2_grpc
@@ -81,7 +82,7 @@ async def embedding_of(address: str, request: vision_pb2.EncodeImagesRequest) ->
         response = await vision_pb2_grpc.VisionEncoderStub(channel).EncodeImages(request, timeout=600)
     array = tensor_from_pb(response.images[0].embedding)
     if response.images[0].embedding.dtype == "bfloat16":
-        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float().numpy()
+        return bfloat16_bits_to_float32(array)
     return array.astype(np.float32)
 
 

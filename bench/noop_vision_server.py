@@ -22,15 +22,13 @@ from ivl_vision.model_info import VisionModelInfo
 from ivl_vision.server import build_server
 from ivl_vision.settings import load_settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class NoopEncoder:
     """encode(pixels (N, 3, S, S)) -> zeros (N, tokens_per_tile, llm_hidden) in the compute dtype, instantly."""
 
     def __init__(self, folder: Path, dtype: str, device: str) -> None:
         config = read_config(folder)
-        self.dtype = DTYPES[dtype]
+        self.dtype = getattr(torch, dtype)  # not ivl_proto.dtypes: this also runs against checkouts before it
         self.device = device
         self.tokens = config.tokens_per_tile
         self.hidden = config.llm_hidden_size

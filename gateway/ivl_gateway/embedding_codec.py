@@ -2,7 +2,7 @@
 
 Value = header + raw embedding bytes:
 
-    magic "IVLE" | version u8 | dtype code u8 | ndim u8 | reserved u8 | key digest 16 bytes |
+    magic "IVLE" | version u8 | dtype code u8 (ivl_proto.dtypes) | ndim u8 | reserved u8 | key digest 16 bytes |
     crc32 of the payload u32 | payload length u64 | shape ndim x u64 | plan 12 x i32 | payload
 
 The key digest binds a value to the key it was stored under, the crc32 and the length catch truncated
@@ -17,13 +17,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ivl_proto import dtypes
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.tensor_wire import WireTensor
 
 MAGIC = b"IVLE"
 VERSION = 1
-_DTYPES = {"float32": (1, 4), "float16": (2, 2), "bfloat16": (3, 2)}
-_DTYPE_NAMES = {code: name for name, (code, _) in _DTYPES.items()}
 _FIXED = struct.Struct("<4sBBBB16sIQ")
 _PLAN = struct.Struct("<12i")
 _PLAN_FIELDS = (
@@ -92,12 +91,12 @@ def _key_digest(key: str) -> bytes:
 
 
 def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
-    if embedding.dtype not in _DTYPES:
+    spec = dtypes.DTYPES.get(embedding.dtype)
+    if spec is None:
         raise ValueError(f"embedding dtype {embedding.dtype!r} cannot be cached")
-    code, _ = _DTYPES[embedding.dtype]
     size = memoryview(embedding.data).nbytes
     header = _FIXED.pack(
-        MAGIC, VERSION, code, len(embedding.shape), 0, _key_digest(key), zlib.crc32(embedding.data), size,
+        MAGIC, VERSION, spec.code, len(embedding.shape), 0, _key_digest(key), zlib.crc32(embedding.data), size,
     )
     shape = struct.pack(f"<{len(embedding.shape)}Q", *embedding.shape)
     plan = _PLAN.pack(*(int(getattr(embedding.plan, name)) for name in _PLAN_FIELDS))
@@ -114,7 +113,8 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
         raise CorruptEntry(f"unknown magic/version {magic!r}/{version}")
     if digest != _key_digest(key):
         raise CorruptEntry("entry was stored under another key")
-    if code not in _DTYPE_NAMES or not 1 <= ndim <= 4:
+    spec = dtypes.by_code(code)
+    if spec is None or not 1 <= ndim <= 4:
         raise CorruptEntry(f"bad dtype code {code} or ndim {ndim}")
     offset = _FIXED.size
     shape = struct.unpack_from(f"<{ndim}Q", value, offset)
@@ -122,12 +122,10 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
     plan_values = _PLAN.unpack_from(value, offset)
     offset += _PLAN.size
     payload = memoryview(value)[offset:]
-    dtype = _DTYPE_NAMES[code]
-    itemsize = _DTYPES[dtype][1]
     count = 1
     for dim in shape:
         count *= dim
-    if payload.nbytes != length or count * itemsize != length:
+    if payload.nbytes != length or count * spec.itemsize != length:
         raise CorruptEntry(f"payload is {payload.nbytes} bytes; header says {length}, shape {list(shape)}")
     if zlib.crc32(payload) != crc:
         raise CorruptEntry("payload checksum mismatch")
@@ -137,4 +135,4 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
         **{name: (bool(v) if name in ("has_thumbnail", "use_thumbnail") else v)
            for name, v in zip(_PLAN_FIELDS, plan_values, strict=True)}
     )
-    return ImageEmbedding(dtype=dtype, shape=tuple(shape), data=payload, plan=plan)
+    return ImageEmbedding(dtype=spec.name, shape=tuple(shape), data=payload, plan=plan)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import invalid
 
 Buffer = bytes | memoryview
@@ -175,11 +176,9 @@ def split_tensors(message_type: Any, raw: Buffer, path: Sequence[int]) -> tuple[
     return parsed, datas
 
 
-def tensor_array(dtype_name: str, shape: Sequence[int], data: Buffer, what: str, numpy_dtypes: dict[str, np.dtype]) -> np.ndarray:
-    """A read-only numpy view of a tensor's data, checked against its dtype and shape."""
-    if dtype_name not in numpy_dtypes:
-        raise invalid(f"{what} has dtype {dtype_name!r}; supported: {', '.join(numpy_dtypes)}")
-    dtype = numpy_dtypes[dtype_name]
+def tensor_array(dtype_name: str, shape: Sequence[int], data: Buffer, what: str) -> np.ndarray:
+    """A read-only numpy view of a tensor's data, checked against its dtype (ivl_proto.dtypes) and shape."""
+    dtype = numpy_dtype(dtype_name, what)
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise invalid(f"{what} has a negative dimension in shape {list(dims)}")

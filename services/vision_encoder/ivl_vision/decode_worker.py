@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import invalid
 from ivl_proto.worker_loop import run_worker
 
 from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
-from ivl_vision.tiling import TilePlan, TilingConfig, pixel_numpy_dtype, plan_tiles, tile_pixels
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
 
 
 def limits_to_task(limits: ImageLimits) -> dict[str, Any]:
@@ -91,11 +92,11 @@ class _Tiler:
         return self._executor
 
     def _out(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        numpy_dtype = pixel_numpy_dtype(dtype)
-        size = int(np.prod(shape)) * numpy_dtype.itemsize
+        storage = numpy_dtype(dtype, "the pixels")
+        size = int(np.prod(shape)) * storage.itemsize
         if self._buffer.nbytes < size:
             self._buffer = np.empty(size, dtype=np.uint8)
-        return self._buffer[:size].view(numpy_dtype).reshape(shape)
+        return self._buffer[:size].view(storage).reshape(shape)
 
     def __call__(self, task: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], memoryview]:
         started = time.process_time()

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from ivl_proto.dtypes import from_torch, to_torch, torch_dtype
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -67,8 +67,8 @@ class EncodePipeline:
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         self.encoder = encoder
-        self.dtype = TORCH_DTYPES[dtype]
-        self.output_dtype = TORCH_DTYPES[output_dtype or dtype]
+        self.dtype = torch_dtype(dtype)
+        self.output_dtype = torch_dtype(output_dtype or dtype)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.pin = self.cuda if pin_memory is None else (pin_memory and self.cuda)
@@ -89,8 +89,7 @@ class EncodePipeline:
         return self.run(self.stage(pixels))
 
     def _host_tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
-        return tensor.view(torch.bfloat16) if tensor.dtype == torch.uint16 else tensor  # bf16 bit patterns
+        return to_torch(pixels)  # uint16 = bf16 bit patterns, viewed as bfloat16 (no copy)
 
     def _buffer(self, tensor: torch.Tensor) -> _PinnedBuffer:
         """The next of two pinned buffers, once its previous copy to the device has finished."""
@@ -138,9 +137,7 @@ class EncodePipeline:
                 if padded > staged.tiles:
                     batch = torch.cat([batch, batch.new_zeros((padded - staged.tiles, *batch.shape[1:]))])
             output = self._forward(batch)[: staged.tiles].detach().to(dtype=self.output_dtype).to("cpu")
-        if output.dtype == torch.bfloat16:
-            return output.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return output.contiguous().numpy()
+        return from_torch(output)
 
     def warm_up(self, image_size: int, pixel_dtype: np.dtype) -> None:
         """One forward per batch shape the encoder will see (each bucket when compiled, else one tile)."""

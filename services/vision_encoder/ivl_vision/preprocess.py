@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
 from ivl_vision.decode_worker import limits_to_task, tiling_to_task
 from ivl_vision.image_io import ImageLimits, decode_image
-from ivl_vision.tiling import TilePlan, TilingConfig, pixel_numpy_dtype, plan_tiles, tile_pixels
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
 
 WORKER_MODULE = "ivl_vision.decode_worker"
 
@@ -80,7 +81,7 @@ class Preprocessor:
     """Decodes untrusted image bytes under `limits` in sandboxed workers and tiles them; one per service."""
 
     def __init__(self, limits: ImageLimits, dtype: str = "float32", sandbox: SandboxLimits | None = None) -> None:
-        pixel_numpy_dtype(dtype)  # validates the name
+        numpy_dtype(dtype, "the pixels")  # validates the name
         self._limits = limits
         self._dtype = dtype
         self.sandbox = sandbox or SandboxLimits()
@@ -126,7 +127,7 @@ class Preprocessor:
         `preprocess`."""
         plan = plan_tiles(size[0], size[1], config)
         shape = (plan.num_tiles, 3, config.image_size, config.image_size)
-        pixels = np.empty(shape, dtype=pixel_numpy_dtype(self._dtype))
+        pixels = np.empty(shape, dtype=numpy_dtype(self._dtype, "the pixels"))
 
         def receive(header: dict[str, Any]) -> memoryview:
             if list(header.get("shape", ())) != list(shape) or header.get("dtype") != self._dtype:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from ivl_proto import tracing
+from ivl_proto.dtypes import numpy_dtype, torch_dtype
 from ivl_proto.errors import ServingError
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
@@ -38,10 +39,9 @@ from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor, SandboxLimits
-from ivl_vision.service import TORCH_DTYPES, VisionService
+from ivl_vision.service import VisionService
 from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer, add_vision_servicer
 from ivl_vision.settings import VisionSettings
-from ivl_vision.tiling import pixel_numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_preprocessor(settings: VisionSettings, dtype: str) -> Preprocessor:
 
 def load_encoder(settings: VisionSettings, device: str, dtype: str) -> Any:
     """Default loader: the checkpoint's vision tower + projector on `device` in `dtype`."""
-    return load_vision_encoder(settings.model_path, dtype=TORCH_DTYPES[dtype], device=device)
+    return load_vision_encoder(settings.model_path, dtype=torch_dtype(dtype, "IVL_VISION_DTYPE"), device=device)
 
 
 class VisionServer:
@@ -131,7 +131,7 @@ class VisionServer:
         try:
             await preprocessor.start()
             if settings.warmup or settings.compile != "off":  # dummy forwards (each compiled shape), outside the counters
-                await asyncio.to_thread(pipeline.warm_up, int(info.image_size), pixel_numpy_dtype(dtype))
+                await asyncio.to_thread(pipeline.warm_up, int(info.image_size), numpy_dtype(dtype))
         except BaseException:
             await preprocessor.close()
             raise

@@ -7,7 +7,7 @@ tiled in a sandboxed worker (ivl_vision.preprocess); a failing image cancels the
 decodes (their workers are killed). The tiles go to the shared TileBatcher, so tiles of concurrent
 requests share forwards.
 An image's embedding is (num_tiles * tokens_per_tile, llm_hidden) in the encoder's dtype; bfloat16
-travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.tensor_codec).
+travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.dtypes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+from ivl_proto.dtypes import name_of_array
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.image_budget import ImageBudget, check_images
 from ivl_proto.image_budget import PlannedImage as BudgetedImage
@@ -35,11 +35,6 @@ from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 MAX_PLANS_PER_REQUEST = 1024
 
 
@@ -145,10 +140,6 @@ def embedding_fingerprint(model_fingerprint: str, compute_dtype: str, embedding_
     if embedding_dtype == compute_dtype:
         return model_fingerprint
     return hashlib.sha256(f"{model_fingerprint}|embeddings:{embedding_dtype}".encode()).hexdigest()[: len(model_fingerprint)]
-
-
-def _dtype_name(array: np.ndarray) -> str:
-    return "bfloat16" if array.dtype == np.uint16 else str(array.dtype)
 
 
 def default_tiling(settings: VisionSettings, info: Any) -> TilingConfig:
@@ -259,7 +250,7 @@ class VisionService:
             embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
         done = time.perf_counter()
         encoded = [
-            EncodedImage(embedding, _dtype_name(embedding), self._planned(p.plan, config))
+            EncodedImage(embedding, name_of_array(embedding, "the encoder output"), self._planned(p.plan, config))
             for embedding, p, config in zip(embeddings, preprocessed, configs, strict=True)
         ]
         return EncodeResult(encoded, encode_started - started, done - encode_started, self.fingerprint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+from ivl_proto import dtypes
 from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
 from pydantic import DirectoryPath, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +18,7 @@ from ivl_vision.tiling import MAX_TILES_LIMIT
 
 ENV_PREFIX = "IVL_VISION_"
 
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+DtypeName = Literal["auto"] | dtypes.DtypeName
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import numpy as np
+from ivl_proto.dtypes import float32_to_bfloat16_bits, numpy_dtype
 from ivl_proto.errors import invalid
 from PIL import Image
 
@@ -20,7 +21,6 @@ from ivl_vision.banded_resize import BandPlan, column_bands, finish_columns, sta
 MAX_TILES_LIMIT = 40
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PIXEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -137,30 +137,12 @@ def _float32_lut() -> np.ndarray:
     return (values[None, :] - mean) / std
 
 
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) with round-to-nearest-even, like torch's float -> bfloat16."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    rounded = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():  # keep NaN a (quiet) NaN instead of rounding it into an infinity
-        rounded[nan] = np.uint16(0x7FC0)
-    return rounded
-
-
 _LUT_FLOAT32 = _float32_lut()
 _LUTS: dict[str, np.ndarray] = {
     "float32": _LUT_FLOAT32,
     "float16": _LUT_FLOAT32.astype(np.float16),
     "bfloat16": float32_to_bfloat16_bits(_LUT_FLOAT32),
 }
-
-
-def pixel_numpy_dtype(dtype: str) -> np.dtype:
-    """numpy dtype of the pixels for a dtype name (bfloat16 -> uint16 bit patterns)."""
-    if dtype not in _LUTS:
-        raise invalid(f"pixel dtype {dtype!r} is not supported; use one of {', '.join(PIXEL_DTYPES)}")
-    return _LUTS[dtype].dtype
 
 
 def _normalise_into(planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray) -> None:
@@ -247,7 +229,7 @@ def tile_pixels(
             f"image is {image.width}x{image.height} but the plan was made for "
             f"{plan.original_width}x{plan.original_height}"
         )
-    pixel_numpy_dtype(dtype)  # validates the name
+    numpy_dtype(dtype, "the pixels")  # validates the name
     lut = _LUTS[dtype]
     size = config.image_size
     shape = (plan.num_tiles, 3, size, size)

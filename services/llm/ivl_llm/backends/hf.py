@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import warnings
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
+from ivl_proto.dtypes import to_torch, torch_dtype
 
 from ivl_llm.backends.base import BackendInfo, MatcherFactory, PrefillStats, TokenOut
 from ivl_llm.backends.threaded import Control, Emit, Report, ThreadedGeneration
@@ -32,25 +31,10 @@ from ivl_llm.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TORCH_VIEW_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "<u2": torch.int16}
-
-
 def embedding_to_torch(embedding: ImageEmbedding) -> torch.Tensor:
     """A torch view of the embedding's (read-only) wire bytes, no copy: it is only read, once, when its rows are
     written into the prompt's input embeddings (the one conversion of this hop)."""
-    array = np.ascontiguousarray(embedding.array)
-    if array.flags.writeable:
-        tensor = torch.from_numpy(array)
-    else:
-        with warnings.catch_warnings():  # torch warns that it cannot make a read-only buffer read-only
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.frombuffer(array, dtype=TORCH_VIEW_DTYPES[array.dtype.str]) if array.size else torch.from_numpy(
-                array.copy())
-        tensor = tensor.reshape(array.shape)
-    if embedding.dtype == "bfloat16":
-        return tensor.view(torch.int16).view(torch.bfloat16) if tensor.dtype != torch.bfloat16 else tensor
-    return tensor
+    return to_torch(embedding.array, embedding.dtype)
 
 
 def reuse_blocker(model: Any) -> str | None:
@@ -77,7 +61,7 @@ class TransformersBackend:
         prefix_cache_bytes: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
-        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.torch_dtype = torch_dtype(dtype, "IVL_LLM_DTYPE")
         self.device = device
         self.torch_threads = torch_threads
         self.info = BackendInfo(name="transformers", dtype=dtype, device=device)
