@@ -17,15 +17,23 @@ OUT="${OUT:-/tmp/ivl-gpu-out}"; mkdir -p "$OUT"; export OUT
 export PYTHONPATH="proto:services/vision_encoder:services/llm:gateway:tools/tiny_checkpoint:tests:bench:${PYTHONPATH:-}"
 if [ -f .device/stubs.tgz ]; then tar -xzf .device/stubs.tgz; fi
 if [ -d .device/wheels ]; then
-  python3 -m pip install -q --no-index --find-links .device/wheels --target .device/site pydantic-settings \
-    grpcio-health-checking grpcio-reflection python-dotenv >/dev/null 2>&1 || true
+  python3 -m pip install -q --no-index --no-deps --target .device/site .device/wheels/*.whl \
+    || echo "installing .device/wheels failed (the imports below will say what is missing)"
   export PYTHONPATH="$PYTHONPATH:.device/site"
 fi
 python3 -c "import ivl_proto.vision.v1.vision_pb2" 2>/dev/null || python3 proto/generate.py || {
   echo "no gRPC stubs and no grpc_tools: run bench/gpu_prepare.sh here and carry .device"; exit 2; }
 status=0
+# One device call may run at most 600 s: the steps share TOTAL_S (default 540 s, each step at most its own limit
+# and what is left), and STEPS="gpu_service ceiling" runs only the named ones (a second call for what was cut).
+TOTAL_S="${TOTAL_S:-540}"
+STEPS="${STEPS:-gpu_vision gpu_service preprocess ceiling gpu_lmdeploy}"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 seconds=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) echo "=== $name: not in STEPS"; return 0 ;; esac
+  local left=$((TOTAL_S - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "=== $name: SKIPPED, ${left}s of TOTAL_S left (rerun with STEPS=\"$name ...\")"; status=1; return 0; fi
+  [ "$seconds" -le "$left" ] || seconds=$left
   echo "=== $name (at most ${seconds}s)"
   local started=$SECONDS
   timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
