@@ -10,10 +10,11 @@ connection:
 - a body deadline: no body bytes for `http_body_idle_timeout_s`, a rate under `http_min_body_rate_bytes_s`
   after `http_body_rate_grace_s`, or the whole body over `http_body_timeout_s` -> 408 and close;
 - a cap of `http_max_connections` open connections: at the cap an idle connection (no request in progress)
-  is closed to make room — first one picked at random among those that have sent nothing yet (in a flood
-  of idle sockets that is almost surely one of them, whereas "the oldest" would pick a real client that
-  connected just before the flood), then those with part of a request, then kept-alive ones of clients
-  that were served, oldest first — and when none is idle the new one gets 503 + Retry-After;
+  is closed to make room — first the oldest of those that have sent nothing, not even bytes still waiting
+  in the kernel's receive buffer (a real client's request can sit there, unread, while the event loop accepts
+  a burst of a flood's sockets: FIONREAD tells them apart), then those with part of a request, then
+  kept-alive ones of clients that were served, oldest first — and when none is idle the new one gets 503 +
+  Retry-After;
 - a keep-alive reuse limit (`http_max_requests_per_connection`: the last response says `Connection: close`).
 
 Everything else (parsing, header size via h11_max_incomplete_event_size, idle keep-alive via
@@ -23,9 +24,11 @@ timeout_keep_alive, flow control, ASGI) is uvicorn's own.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
-import random
+import struct
+import termios
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -89,7 +92,6 @@ class ConnectionGuard:
         self._fresh: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle, no request yet
         self._kept: OrderedDict[GuardedH11Protocol, None] = OrderedDict()  # idle between requests
         self._busy: set[GuardedH11Protocol] = set()
-        self._random = random.Random()
         self._gauge = connections
         self._closed = closed
         self._throttle = throttle
@@ -119,11 +121,10 @@ class ConnectionGuard:
 
     def _victim(self) -> GuardedH11Protocol:
         """The idle connection to close at the cap (see the module docstring), taken out of its set."""
-        silent = [conn for conn in self._fresh if conn.silent]
-        if silent:
-            victim = self._random.choice(silent)
-            del self._fresh[victim]
-            return victim
+        for conn in self._fresh:  # oldest first
+            if conn.silent and conn.unread_bytes() == 0:
+                del self._fresh[conn]
+                return conn
         victim, _ = (self._fresh or self._kept).popitem(last=False)
         return victim
 
@@ -254,6 +255,16 @@ class GuardedH11Protocol(H11Protocol):
     def silent(self) -> bool:
         """Idle and nothing received on this connection yet."""
         return self._phase == "idle" and self._requests == 0 and self._phase_bytes == 0
+
+    def unread_bytes(self) -> int:
+        """Bytes the kernel has received on this connection that the event loop has not read yet."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+        except OSError:
+            return 0
 
     def close_idle(self) -> None:
         """Closed by the guard to make room (this connection has no request in progress)."""

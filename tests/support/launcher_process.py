@@ -123,12 +123,17 @@ class LauncherProcess:
                     return float(sample.value)
         return None
 
+    def served_model(self) -> str:
+        """The name the gateway serves (it answers 404 for any other name, as OpenAI does)."""
+        models = httpx.get(f"{self.http_url}/v1/models", timeout=10).json()["data"]
+        return str(models[0]["id"])
+
     def chat(self, text: str, image: bytes | None = None, timeout_s: float = 60, max_tokens: int = 3) -> httpx.Response:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         if image is not None:
             url = "data:image/png;base64," + base64.b64encode(image).decode()
             content.insert(0, {"type": "image_url", "image_url": {"url": url}})
-        body = {"model": "any", "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
+        body = {"model": self.served_model(), "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
         return httpx.post(f"{self.http_url}/v1/chat/completions", json=body, timeout=timeout_s)
 
     def signal(self, sig: signal.Signals) -> None:

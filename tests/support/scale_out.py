@@ -130,8 +130,15 @@ def eight_requests_for_one_new_image(backend: Any, gateways: list[Any], *, freez
     try:
         threads = [chat_in_thread(gateways[i % 2].http_url, image, results) for i in range(8)]
         if freeze:  # every request is in: 3 in-process waiters per gateway
-            wait_until(lambda: _total(gateways, "vision_cache_singleflight_waits_total") == waits + 6, 60,
-                       "3 in-process single-flight waiters on each gateway")
+            try:
+                wait_until(lambda: _total(gateways, "vision_cache_singleflight_waits_total") == waits + 6, 60,
+                           "3 in-process single-flight waiters on each gateway")
+            except AssertionError as error:  # say where each gateway's requests are (a flaky CI failure once)
+                where = [(g.metric("vision_cache_singleflight_waits_total"),
+                          g.metric("gateway_requests_in_flight", api="http"), g.metric("gateway_http_connections"))
+                         for g in gateways]
+                raise AssertionError(f"{error}; per gateway (waiters, chats in flight, HTTP connections): "
+                                     f"{where}; answers so far: {results}") from None
             time.sleep(0.5)  # both owners have claimed the lock (or, without it, sent their EncodeImages)
     finally:
         if freeze:
