@@ -107,11 +107,11 @@ def scan_png(width: int = 1700, height: int = 8000) -> bytes:
 def interleaved(
     runs: dict[str, Callable[[], object]], min_time: float, min_runs: int
 ) -> dict[str, tuple[float, float]]:
-    """{method: (median thread-CPU seconds, median wall seconds)} per call.
+    """{method: (median process-CPU seconds, median wall seconds)} per call.
 
     The methods take turns (one call each per round) so that load from other processes on a shared
-    machine hits them alike; thread CPU time (all methods run in the calling thread: torch has one
-    thread) measures the work itself, wall time what a caller waits.
+    machine hits them alike; CPU time of the process (all threads: the banded methods use several, torch
+    has one) measures the work itself, wall time what a caller waits.
     """
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     wall: dict[str, list[float]] = {name: [] for name in runs}
@@ -120,14 +120,14 @@ def interleaved(
     started = time.perf_counter()
     while len(cpu["ours"]) < min_runs or time.perf_counter() - started < min_time * len(runs):
         for name, run in runs.items():
-            begin_cpu, begin_wall = time.thread_time(), time.perf_counter()
+            begin_cpu, begin_wall = time.process_time(), time.perf_counter()
             run()
-            cpu[name].append(time.thread_time() - begin_cpu)
+            cpu[name].append(time.process_time() - begin_cpu)
             wall[name].append(time.perf_counter() - begin_wall)
     return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in runs}
 
 
-def methods(data: bytes, max_tiles: int) -> dict[str, Callable[[], object]]:
+def methods(data: bytes, max_tiles: int, tile_threads: dict[int, ThreadPoolExecutor]) -> dict[str, Callable[[], object]]:
     config = TilingConfig(max_tiles=max_tiles)
     got_ocr2 = transformers.GotOcr2ImageProcessorPil(
         crop_to_patches=True,
@@ -147,8 +147,14 @@ def methods(data: bytes, max_tiles: int) -> dict[str, Callable[[], object]]:
         plan = plan_tiles(image.width, image.height, config)
         return image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
 
+    threaded = {
+        f"ours x{n}": (lambda n=n, pool=pool: preprocess_trusted(data, config, ImageLimits(), executor=pool,
+                                                                threads=n).pixels)
+        for n, pool in tile_threads.items()
+    }
     return {
         "ours": lambda: preprocess_trusted(data, config, ImageLimits()).pixels,
+        **threaded,
         "reference": lambda: reference_pixels(decoded(), 1, max_tiles).numpy(),
         "GotOcr2": lambda: got_ocr2(images=decoded(), return_tensors="np")["pixel_values"],
         "floor": floor,
@@ -192,31 +198,34 @@ async def _sandbox_rate(
     return count / (time.perf_counter() - started), (_process_cpu_s(pids) - cpu) / count
 
 
-def pool_throughput(
-    data: bytes, config: TilingConfig, count: int, rounds: int
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """{(kind, workers): (median images/s, median CPU s per image)} for the thread pool and the sandbox at 1
-    and 2 workers, interleaved."""
+def pool_throughput(data: bytes, config: TilingConfig, count: int, rounds: int, worker_counts: list[int],
+                    tile_threads: int) -> dict[tuple, tuple[float, float]]:
+    """{(kind, workers[, threads]): (median images/s, median CPU s per image)}, interleaved: the in-process thread
+    pool (the service before the sandbox), and the sandbox with 1 and `tile_threads` resize threads per worker, for
+    each worker count."""
+    thread_counts = sorted({1, tile_threads})
 
-    async def run() -> dict[tuple[str, int], tuple[float, float]]:
-        rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        pools = {workers: ThreadPoolExecutor(max_workers=workers) for workers in (1, 2)}
-        sandboxes = {workers: Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=workers)) for workers in (1, 2)}
+    async def run() -> dict[tuple, tuple[float, float]]:
+        rates: dict[tuple, list[tuple[float, float]]] = {}
+        pools = {workers: ThreadPoolExecutor(max_workers=workers) for workers in worker_counts}
+        sandboxes = {(workers, threads): Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=workers, threads=threads))
+                     for workers in worker_counts for threads in thread_counts}
         for sandbox in sandboxes.values():
             await sandbox.start()
         try:
-            check = sandboxes[1]
-            sandboxed = await check.tile(data, config, await check.probe(data))
-            assert np.array_equal(sandboxed.pixels, preprocess_trusted(data, config, ImageLimits()).pixels)
-            for workers in (1, 2):  # warm-up
+            expected = preprocess_trusted(data, config, ImageLimits()).pixels
+            for check in sandboxes.values():
+                sandboxed = await check.tile(data, config, await check.probe(data))
+                assert np.array_equal(sandboxed.pixels, expected)
+            for workers in worker_counts:  # warm-up
                 await _thread_pool_rate(pools[workers], data, config, workers)
-                await _sandbox_rate(sandboxes[workers], data, config, workers)
             for _ in range(rounds):
-                for workers in (1, 2):
+                for workers in worker_counts:
                     rates.setdefault(("threads", workers), []).append(
                         await _thread_pool_rate(pools[workers], data, config, count))
-                    rates.setdefault(("sandbox", workers), []).append(
-                        await _sandbox_rate(sandboxes[workers], data, config, count))
+                    for threads in thread_counts:
+                        rates.setdefault(("sandbox", workers, threads), []).append(
+                            await _sandbox_rate(sandboxes[workers, threads], data, config, count))
         finally:
             for sandbox in sandboxes.values():
                 await sandbox.close()
@@ -236,6 +245,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool", "--threads", action="store_true", dest="pool",
                         help="also measure throughput: sandboxed workers vs the in-process thread pool, 1 and 2 workers")
     parser.add_argument("--pool-rounds", type=int, default=3)
+    parser.add_argument("--pool-workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                        help="decode worker counts of --pool")
+    parser.add_argument("--tile-threads", type=lambda s: [int(x) for x in s.split(",")], default=[2],
+                        help="also time ours with its resizes in bands on N threads (IVL_VISION_DECODE_THREADS)")
     parser.add_argument("--quick", action="store_true", help="max_tiles 12 only, short measurements")
     parser.add_argument("--no-append", action="store_true", help="print the table, do not touch RESULTS.md")
     args = parser.parse_args(argv)
@@ -257,18 +270,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     pool_rows = []
+    tile_pools = {n: ThreadPoolExecutor(max_workers=n) for n in args.tile_threads}
     for name, data in images.items():
         for max_tiles in args.max_tiles:
-            runs = methods(data, max_tiles)
+            runs = methods(data, max_tiles, tile_pools)
             ours, reference = runs["ours"](), runs["reference"]()
             assert isinstance(ours, np.ndarray) and isinstance(reference, np.ndarray)
+            for n in args.tile_threads:  # the banded path must give the same pixels
+                assert np.array_equal(runs[f"ours x{n}"](), ours)
             got = runs["GotOcr2"]()
             got_diff = float(np.abs(got - ours).max()) if got.shape == ours.shape else float("nan")
             seconds = interleaved(runs, args.min_time, args.min_runs)
             rows.append((name, max_tiles, ours.shape[0], seconds, bool(np.array_equal(ours, reference)), got_diff))
             print(rows[-1], flush=True)
         if args.pool:
-            pool_rows.append((name, pool_throughput(data, TilingConfig(max_tiles=12), 8, args.pool_rounds)))
+            pool_rows.append((name, pool_throughput(data, TilingConfig(max_tiles=12), 8, args.pool_rounds,
+                                                    args.pool_workers, max(args.tile_threads))))
             print(pool_rows[-1], flush=True)
     table = report(rows, pool_rows, args, time.perf_counter() - started, load_start)
     publish(table, append=not args.no_append)
@@ -276,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float, load_start: float) -> str:
+    threads = [f"ours x{n}" for n in args.tile_threads]
     lines = [
         "",
         HEADING,
@@ -283,43 +301,57 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
         f"- {utc_now()}; {machine_line(load_start)}; {versions('numpy', 'PIL', 'torch', 'transformers')} "
         "(torch on 1 thread)",
         f"- command: {command_line('bench_preprocess.py', args.argv)} ({elapsed:.0f} s)",
-        "- from encoded bytes to float32 tiles; methods interleaved, medians. images/s per core = 1 / thread CPU "
-        "seconds per image (robust to other load on a shared machine); `x ref` = reference time / ours time "
-        "(cpu and wall); `= ref`: ours np.array_equal the reference; `GotOcr2 diff`: max |GotOcr2 - ours| "
-        "(nan: different tile count)",
+        "- from encoded bytes to float32 tiles; methods interleaved, medians. Wall ms = what one image takes; "
+        "images/s per core = 1 / process CPU seconds per image; `ours xN` = our resizes and gathers in bands on N "
+        "threads (ivl_vision.banded_resize, IVL_VISION_DECODE_THREADS), checked np.array_equal to ours; `= ref`: ours "
+        "np.array_equal the reference; `GotOcr2 diff`: max |GotOcr2 - ours| (nan: different tile count). On a shared "
+        "machine the wall ratios need free cores: threads beyond the idle cores only queue.",
         "",
     ]
     cells = []
     for name, max_tiles, tiles, s, equal, got_diff in rows:
         cpu = {method: value[0] for method, value in s.items()}
-        cells.append((name, max_tiles, tiles, f"{1 / cpu['ours']:.2f}", f"{1 / cpu['reference']:.2f}",
-                      f"{1 / cpu['GotOcr2']:.2f}", f"{1 / cpu['floor']:.2f}", f"{cpu['reference'] / cpu['ours']:.2f}",
-                      f"{s['reference'][1] / s['ours'][1]:.2f}", f"{cpu['reference'] / cpu['GotOcr2']:.2f}",
+        wall = {method: value[1] * 1000 for method, value in s.items()}
+        cells.append((name, max_tiles, tiles, f"{wall['reference']:.0f}", f"{wall['ours']:.0f}",
+                      *(f"{wall[t]:.0f}" for t in threads),
+                      f"{wall['reference'] / wall['ours']:.2f}", *(f"**{wall['reference'] / wall[t]:.2f}**" for t in threads),
+                      f"{1 / cpu['ours']:.2f}", f"{1 / cpu['reference']:.2f}", f"{1 / cpu['GotOcr2']:.2f}",
+                      f"{1 / cpu['floor']:.2f}", *(f"{1 / cpu[t]:.2f}" for t in threads),
                       "yes" if equal else "NO", f"{got_diff:.2g}"))
-    lines += markdown_table(["image", "max_tiles", "tiles", "ours", "reference", "GotOcr2 (PIL)",
-                             "floor (decode+resize)", "ours x ref (cpu)", "ours x ref (wall)", "GotOcr2 x ref",
-                             "= ref", "GotOcr2 diff"], cells)
+    lines += markdown_table(
+        ["image", "max_tiles", "tiles", "reference wall ms", "ours wall ms", *(f"{t} wall ms" for t in threads),
+         "ref / ours (wall)", *(f"ref / {t} (wall)" for t in threads), "ours img/s per core", "reference per core",
+         "GotOcr2 (PIL) per core", "floor (decode+resize) per core", *(f"{t} per core" for t in threads), "= ref",
+         "GotOcr2 diff"], cells)
     if pool_rows:
+        counts = args.pool_workers
+        extra = max(args.tile_threads)
+        headers = ["image"]
+        for w in counts:
+            headers += [f"thread pool, {w}", f"sandbox {w}x1", f"sandbox {w}x{extra}"]
+        headers += [f"sandbox {counts[-1]} / {counts[0]} workers (x1)", "CPU ms/image threads",
+                    "CPU ms/image sandbox"]
+        body = []
+        for name, r in pool_rows:
+            row = [name]
+            for w in counts:
+                row += [f"{r['threads', w][0]:.2f}", f"{r['sandbox', w, 1][0]:.2f}", f"{r['sandbox', w, extra][0]:.2f}"]
+            row.append(f"{r['sandbox', counts[-1], 1][0] / r['sandbox', counts[0], 1][0]:.2f}")
+            row += [f"{1000 * r['threads', counts[0]][1]:.0f}", f"{1000 * r['sandbox', counts[0], 1][1]:.0f}"]
+            body.append(row)
         lines += [
             "",
             "Throughput, 8 images at max_tiles 12 in flight, wall images/s (medians of "
-            f"{args.pool_rounds} interleaved rounds; pixels of the sandbox checked np.array_equal to in-process): "
-            "`threads` = decode + tile in-process on a thread pool (the service before the sandbox), `sandbox` = "
-            "header probe + decode + tile in the sandboxed worker processes (the service now). Scaling with "
-            "workers needs free cores; on a shared 2-core machine read the ratios within a row.",
+            f"{args.pool_rounds} interleaved rounds; pixels of every sandbox checked np.array_equal to in-process): "
+            "`thread pool, W` = decode + tile in-process on W threads (the service before the sandbox), `sandbox WxT` = "
+            "header probe + decode + tile in W sandboxed worker processes with T resize threads each (the service "
+            "now). Throughput scales with workers while there are free cores (each image's work is the same); on a "
+            "shared 2-core machine read the ratios within a row.",
             "",
-            *markdown_table(
-                ["image", "threads, 1", "sandbox, 1", "sandbox / threads (1)", "threads, 2", "sandbox, 2",
-                 "sandbox / threads (2)", "sandbox 2 / 1", "CPU ms/image threads", "CPU ms/image sandbox"],
-                ((name, f"{r['threads', 1][0]:.2f}", f"{r['sandbox', 1][0]:.2f}",
-                  f"{r['sandbox', 1][0] / r['threads', 1][0]:.2f}", f"{r['threads', 2][0]:.2f}",
-                  f"{r['sandbox', 2][0]:.2f}", f"{r['sandbox', 2][0] / r['threads', 2][0]:.2f}",
-                  f"{r['sandbox', 2][0] / r['sandbox', 1][0]:.2f}", f"{1000 * r['threads', 1][1]:.0f}",
-                  f"{1000 * r['sandbox', 1][1]:.0f}") for name, r in pool_rows),
-            ),
+            *markdown_table(headers, body),
             "",
-            "CPU ms/image (1 worker): every CPU second this process and the decode workers spent, per image "
-            "(robust to other load; 10 ms resolution for the workers).",
+            f"CPU ms/image ({counts[0]} worker{'s' if counts[0] > 1 else ''}, 1 resize thread): every CPU second this "
+            "process and the decode workers spent, per image (robust to other load; 10 ms resolution for the workers).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -14,10 +14,13 @@ QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 
 declare -A FULL QUICKARGS
-ORDER=(preprocess gateway vision_batching concurrency soak scale_out encoder_cpu llm stack_startup ui_preview_bomb gpu_vision gpu_lmdeploy)
+ORDER=(preprocess gateway vision_batching vision_ceiling embedding_hops vs_transformers_serve concurrency soak scale_out encoder_cpu llm stack_startup ui_preview_bomb gpu_vision gpu_lmdeploy)
 FULL[preprocess]="bench/bench_preprocess.py"
 FULL[gateway]="bench/bench_gateway.py"
 FULL[vision_batching]="bench/bench_vision_batching.py"
+FULL[vision_ceiling]="bench/bench_vision_ceiling.py"
+FULL[embedding_hops]="bench/bench_embedding_hops.py"
+FULL[vs_transformers_serve]="bench/bench_vs_transformers_serve.py"  # needs scripts/setup_bench_venv.sh first
 FULL[concurrency]="bench/bench_concurrency.py"
 FULL[soak]="bench/bench_soak.py"
 FULL[scale_out]="bench/bench_scale_out.py"
@@ -30,6 +33,9 @@ FULL[gpu_lmdeploy]="bench/gpu_lmdeploy.py"
 QUICKARGS[preprocess]="--quick --no-append"
 QUICKARGS[gateway]="--quick --no-append"
 QUICKARGS[vision_batching]="--quick --no-append"
+QUICKARGS[vision_ceiling]="--quick --no-append"
+QUICKARGS[embedding_hops]="--repeats 3 --no-append"
+QUICKARGS[vs_transformers_serve]="--quick --no-append"
 QUICKARGS[concurrency]="--levels 1,4 --requests-per-client 2 --no-append"
 QUICKARGS[soak]="--clients 4 --duration-s 15 --sample-s 5 --no-append"
 QUICKARGS[scale_out]="--rounds 1 --no-append"

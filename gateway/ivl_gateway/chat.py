@@ -17,6 +17,7 @@ from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.gateway.v1 import gateway_pb2
 from ivl_proto.llm.v1 import llm_pb2
 from ivl_proto.request_context import request_id_client_interceptors
+from ivl_proto.tensor_wire import WireTensor
 from ivl_proto.tracing import client_interceptors, tracer_of
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -32,7 +33,7 @@ from ivl_gateway.conversation import (
 )
 from ivl_gateway.embedding_codec import TilingChoice
 from ivl_gateway.image_embeddings import EmbeddingResolver
-from ivl_gateway.llm_client import LLMClient
+from ivl_gateway.llm_client import LLMClient, generate_request_bytes
 from ivl_gateway.metrics import GatewayMetrics
 from ivl_gateway.settings import MAX_TILES_LIMIT, GatewaySettings
 from ivl_gateway.vision_client import VisionClient
@@ -127,7 +128,7 @@ class ChatService:
         self.metrics.model_name = self.settings.model_name or llm_info.model_id
         if turn.user:
             log.info("chat turn %s for user %r", turn.request_id, turn.user)
-        embeddings: list[common_pb2.Tensor] = []
+        embeddings: list[WireTensor] = []
         hits = 0
         vision_s = 0.0
         if images:
@@ -152,7 +153,7 @@ class ChatService:
             vision_s = time.perf_counter() - vision_start
             for item in resolved:
                 hits += item.cache_hit
-                embeddings.append(item.embedding.to_tensor_pb())
+                embeddings.append(item.embedding.to_wire())
                 yield gateway_pb2.ChatResponse(
                     image=gateway_pb2.ImageInfo(
                         message_index=item.image.message_index,
@@ -162,11 +163,10 @@ class ChatService:
                         encode_s=item.encode_s,
                     )
                 )
-        request = llm_pb2.GenerateRequest(
-            messages=llm_messages(turn, len(images)),
-            image_embeddings=embeddings,
-            sampling=turn.sampling,
-            request_id=turn.request_id,
+        request = generate_request_bytes(
+            llm_pb2.GenerateRequest(messages=llm_messages(turn, len(images)), sampling=turn.sampling,
+                                    request_id=turn.request_id),
+            embeddings,
         )
         first_token_at: float | None = None
         last_token_at = 0.0

@@ -2,7 +2,7 @@
 
 Value = header + raw embedding bytes:
 
-    magic "IVLE" | version u8 | dtype code u8 | ndim u8 | reserved u8 | key digest 16 bytes |
+    magic "IVLE" | version u8 | dtype code u8 (ivl_proto.dtypes) | ndim u8 | reserved u8 | key digest 16 bytes |
     crc32 of the payload u32 | payload length u64 | shape ndim x u64 | plan 12 x i32 | payload
 
 The key digest binds a value to the key it was stored under, the crc32 and the length catch truncated
@@ -17,12 +17,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ivl_proto import dtypes
 from ivl_proto.common.v1 import common_pb2
+from ivl_proto.tensor_wire import WireTensor
 
 MAGIC = b"IVLE"
 VERSION = 1
-_DTYPES = {"float32": (1, 4), "float16": (2, 2), "bfloat16": (3, 2)}
-_DTYPE_NAMES = {code: name for name, (code, _) in _DTYPES.items()}
 _FIXED = struct.Struct("<4sBBBB16sIQ")
 _PLAN = struct.Struct("<12i")
 _PLAN_FIELDS = (
@@ -54,15 +54,21 @@ class TilingChoice:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """One image's embedding as raw bytes (never decoded in the gateway) plus its tiling plan."""
+    """One image's embedding as raw bytes (never decoded in the gateway) plus its tiling plan. `data` is a view
+    into what it came in (the vision service's response, a Redis value) where possible: no copy until the one
+    into the next message (`to_wire`, ivl_proto.tensor_wire)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
     plan: common_pb2.ImagePlan
 
+    def to_wire(self) -> WireTensor:
+        return WireTensor(self.dtype, self.shape, self.data)
+
     def to_tensor_pb(self) -> common_pb2.Tensor:
-        return common_pb2.Tensor(dtype=self.dtype, shape=list(self.shape), data=self.data)
+        """As a protobuf message (copies the data: the embedding hops use to_wire)."""
+        return common_pb2.Tensor(dtype=self.dtype, shape=list(self.shape), data=bytes(self.data))
 
 
 def image_digest(data: bytes) -> str:
@@ -85,12 +91,12 @@ def _key_digest(key: str) -> bytes:
 
 
 def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
-    if embedding.dtype not in _DTYPES:
+    spec = dtypes.DTYPES.get(embedding.dtype)
+    if spec is None:
         raise ValueError(f"embedding dtype {embedding.dtype!r} cannot be cached")
-    code, _ = _DTYPES[embedding.dtype]
+    size = memoryview(embedding.data).nbytes
     header = _FIXED.pack(
-        MAGIC, VERSION, code, len(embedding.shape), 0, _key_digest(key),
-        zlib.crc32(embedding.data), len(embedding.data),
+        MAGIC, VERSION, spec.code, len(embedding.shape), 0, _key_digest(key), zlib.crc32(embedding.data), size,
     )
     shape = struct.pack(f"<{len(embedding.shape)}Q", *embedding.shape)
     plan = _PLAN.pack(*(int(getattr(embedding.plan, name)) for name in _PLAN_FIELDS))
@@ -98,7 +104,8 @@ def encode_entry(key: str, embedding: ImageEmbedding) -> bytes:
 
 
 def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> ImageEmbedding:
-    """Parse and verify a cached value; CorruptEntry when anything does not match."""
+    """Parse and verify a cached value; CorruptEntry when anything does not match. The embedding's data is a view
+    into `value` (no copy)."""
     if len(value) < _FIXED.size:
         raise CorruptEntry(f"entry is {len(value)} bytes, shorter than its header")
     magic, version, code, ndim, _, digest, crc, length = _FIXED.unpack_from(value, 0)
@@ -106,21 +113,20 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
         raise CorruptEntry(f"unknown magic/version {magic!r}/{version}")
     if digest != _key_digest(key):
         raise CorruptEntry("entry was stored under another key")
-    if code not in _DTYPE_NAMES or not 1 <= ndim <= 4:
+    spec = dtypes.by_code(code)
+    if spec is None or not 1 <= ndim <= 4:
         raise CorruptEntry(f"bad dtype code {code} or ndim {ndim}")
     offset = _FIXED.size
     shape = struct.unpack_from(f"<{ndim}Q", value, offset)
     offset += 8 * ndim
     plan_values = _PLAN.unpack_from(value, offset)
     offset += _PLAN.size
-    payload = value[offset:]
-    dtype = _DTYPE_NAMES[code]
-    itemsize = _DTYPES[dtype][1]
+    payload = memoryview(value)[offset:]
     count = 1
     for dim in shape:
         count *= dim
-    if len(payload) != length or count * itemsize != length:
-        raise CorruptEntry(f"payload is {len(payload)} bytes; header says {length}, shape {list(shape)}")
+    if payload.nbytes != length or count * spec.itemsize != length:
+        raise CorruptEntry(f"payload is {payload.nbytes} bytes; header says {length}, shape {list(shape)}")
     if zlib.crc32(payload) != crc:
         raise CorruptEntry("payload checksum mismatch")
     if expected_hidden is not None and shape[-1] != expected_hidden:
@@ -129,4 +135,4 @@ def decode_entry(key: str, value: bytes, expected_hidden: int | None = None) -> 
         **{name: (bool(v) if name in ("has_thumbnail", "use_thumbnail") else v)
            for name, v in zip(_PLAN_FIELDS, plan_values, strict=True)}
     )
-    return ImageEmbedding(dtype=dtype, shape=tuple(shape), data=payload, plan=plan)
+    return ImageEmbedding(dtype=spec.name, shape=tuple(shape), data=payload, plan=plan)

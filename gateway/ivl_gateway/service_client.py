@@ -66,7 +66,7 @@ class ServiceClient(Generic[InfoT]):
             self._stubs = (channel, self._stub_factory(channel))
         return self._stubs[1]
 
-    async def unary(self, method: str, request: Message, timeout: float, metadata: Metadata = ()) -> Any:
+    async def unary(self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()) -> Any:
         """One unary call on the balanced channel (grpc picks the replica and retries UNAVAILABLE)."""
         try:
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)
@@ -74,7 +74,7 @@ class ServiceClient(Generic[InfoT]):
             raise from_grpc_error(error, self.name) from error
 
     async def stream(
-        self, method: str, request: Message, timeout: float, metadata: Metadata = ()
+        self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()
     ) -> AsyncIterator[Any]:
         """A server-streaming call; closing the iterator cancels the call downstream."""
         call = getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)

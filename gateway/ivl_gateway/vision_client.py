@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.image_budget import ImageBudget
@@ -32,10 +33,33 @@ class EncodeResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class EncodeReply:
+    """An EncodeImagesResponse whose embeddings' data stayed in the received bytes (views, no copy)."""
+
+    response: vision_pb2.EncodeImagesResponse  # embeddings with empty data
+    embedding_data: list[memoryview]
+
+
+def parse_encode_reply(raw: bytes) -> EncodeReply:
+    response, datas = tensor_wire.split_tensors(vision_pb2.EncodeImagesResponse, raw, (1, 1))
+    return EncodeReply(response, datas)
+
+
+def vision_stub(channel: grpc.aio.Channel) -> vision_pb2_grpc.VisionEncoderStub:
+    """The generated stub, with EncodeImages reading its embeddings as views of the received bytes."""
+    stub = vision_pb2_grpc.VisionEncoderStub(channel)
+    stub.EncodeImages = channel.unary_unary(  # type: ignore[method-assign]
+        f"/{GRPC_SERVICE}/EncodeImages", request_serializer=vision_pb2.EncodeImagesRequest.SerializeToString,
+        response_deserializer=parse_encode_reply,
+    )
+    return stub
+
+
 class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics,
                  interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
-        super().__init__("vision", settings.vision_addresses, vision_pb2_grpc.VisionEncoderStub, GRPC_SERVICE,
+        super().__init__("vision", settings.vision_addresses, vision_stub, GRPC_SERVICE,
                          vision_pb2.InfoRequest(), vision_identity, settings, settings.vision_timeout_s, interceptors)
         self._metrics = metrics
 
@@ -54,8 +78,9 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             budget=(budget or ImageBudget()).to_pb(),
         )
         start = time.perf_counter()
-        response = await self.unary("EncodeImages", request, self._settings.vision_timeout_s)
+        reply: EncodeReply = await self.unary("EncodeImages", request, self._settings.vision_timeout_s)
         seconds = time.perf_counter() - start
+        response = reply.response
         if len(response.images) != len(images):
             raise ServingError(
                 ErrorCode.INTERNAL,
@@ -67,9 +92,9 @@ class VisionClient(ServiceClient[vision_pb2.InfoResponse]):
             ImageEmbedding(
                 dtype=item.embedding.dtype,
                 shape=tuple(int(d) for d in item.embedding.shape),
-                data=item.embedding.data,
+                data=data,
                 plan=item.plan,
             )
-            for item in response.images
+            for item, data in zip(response.images, reply.embedding_data, strict=True)
         ]
         return EncodeResult(embeddings, response.fingerprint, seconds)

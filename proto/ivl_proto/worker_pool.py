@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import signal
@@ -134,30 +135,68 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(size, 16 << 20))
 
 
-class _Watchdog:
-    """Kills `worker` (reason "wall") unless `finish()` is called within `seconds`."""
+class _Deadline:
+    """One armed deadline of the watchdog: `finish()` disarms it; False if it already fired."""
 
-    def __init__(self, seconds: float, worker: _Worker) -> None:
-        self._lock = threading.Lock()
-        self._done = False
-        self._worker = worker
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._done:
-                self._done = True
-                self._worker.kill("wall")
+    def __init__(self, watchdog: _Watchdog, at: float, worker: _Worker) -> None:
+        self._watchdog = watchdog
+        self.at = at
+        self.worker = worker
+        self.done = False
+        self.fired = False
 
     def finish(self) -> bool:
-        """Stop the watchdog; False if it already fired (the worker is being killed)."""
-        self._timer.cancel()
-        with self._lock:
-            fired = self._done and self._worker.killed_for == "wall"
-            self._done = True
-        return not fired
+        return self._watchdog.finish(self)
+
+
+class _Watchdog:
+    """Kills a worker (reason "wall") whose exchange is not finished by its deadline. One thread for the whole
+    pool, started once (a threading.Timer per task started a thread per image: most of a small image's cost)."""
+
+    def __init__(self, name: str) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._count = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"ivl-{name}-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float, worker: _Worker) -> _Deadline:
+        deadline = _Deadline(self, time.monotonic() + seconds, worker)
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._heap, (deadline.at, self._count, deadline))
+            if self._heap[0][2] is deadline:
+                self._cond.notify()
+        return deadline
+
+    def finish(self, deadline: _Deadline) -> bool:
+        with self._cond:
+            deadline.done = True
+            return not deadline.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                at, _, deadline = self._heap[0]
+                remaining = at - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                heapq.heappop(self._heap)
+                deadline.fired = deadline.done = True
+                deadline.worker.kill("wall")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -190,6 +229,7 @@ class WorkerPool:
         self._workers: set[_Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._watchdog = _Watchdog(name)
 
     @property
     def pids(self) -> list[int]:
@@ -287,7 +327,7 @@ class WorkerPool:
     ) -> tuple[dict[str, Any], memoryview | bytes | None]:
         """Blocking: send one task, wait for its reply, read the reply's payload; a watchdog kills the worker
         when the whole exchange takes longer than wall_s (a stalled worker blocks the send, too)."""
-        watchdog = _Watchdog(wall_s, worker)
+        watchdog = self._watchdog.arm(wall_s, worker)
         try:
             send_message(worker.to_worker, message, payload)
             reply = recv_header(worker.from_worker)
@@ -446,6 +486,7 @@ class WorkerPool:
         for worker in workers:
             await loop.run_in_executor(None, worker.reap)
         await loop.run_in_executor(None, self._io.shutdown, True)  # I/O threads saw their pipes end
+        self._watchdog.close()
         for worker in workers:
             worker.close()
         self._workers.clear()

@@ -211,3 +211,48 @@ def test_cli_sentencepiece_variant_is_an_internlm2_release_lookalike(tmp_path: P
     assert generation["eos_token_id"] == [2, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
+
+
+@pytest.mark.parametrize("llm", ["internlm2", "qwen2"])
+def test_native_layout_has_the_autoprocessor_files(tmp_path: Path, llm: str) -> None:
+    """What transformers' InternVLProcessor reads, checked with transformers' own classes that import without
+    torchvision (the bench venv also loads the whole AutoProcessor, bench/bench_vs_transformers_serve.py): the
+    tokenizer's image tokens and a distinct video token, the GotOcr2 image processor (its pixels = our tiling),
+    and the chat template (its prompt, expanded as InternVLProcessor expands it = the LLM service's prompt)."""
+    import io
+
+    import numpy as np
+    from ivl_llm.prompt import expand_placeholders
+    from ivl_llm.templates import ChatMessage, build_prompt, get_template
+    from ivl_vision.image_io import ImageLimits
+    from ivl_vision.preprocess import preprocess_trusted
+    from ivl_vision.tiling import TilingConfig
+    from PIL import Image
+    from transformers import GotOcr2ImageProcessorPil
+
+    folder = write_tiny_checkpoint(tmp_path / "native", TinySpec(llm=llm), layout="native")
+    processor = json.loads((folder / "processor_config.json").read_text())
+    assert processor["processor_class"] == "InternVLProcessor" and processor["image_seq_length"] == 256
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
+    assert [getattr(tokenizer, name) for name in names] == ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    ids = [getattr(tokenizer, name + "_id") for name in names]
+    assert len(set(ids)) == 4 and tokenizer.unk_token_id not in ids
+
+    image_processor = GotOcr2ImageProcessorPil.from_pretrained(folder)
+    assert image_processor.crop_to_patches and image_processor.max_patches == 12
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)).save(buffer, "PNG")
+    ours = preprocess_trusted(buffer.getvalue(), TilingConfig(max_tiles=12), ImageLimits()).pixels
+    theirs = image_processor(images=Image.open(buffer), return_tensors="np")
+    assert np.array_equal(theirs["pixel_values"], ours) and int(theirs["num_patches"][0]) == ours.shape[0]
+
+    question = "What is in the picture?"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        tokenize=False, add_generation_prompt=True)
+    expanded = rendered.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * 256 * ours.shape[0] + "</img>", 1)
+    template = get_template(TinySpec(llm=llm).chat_template_name)
+    service_prompt = build_prompt(template, [ChatMessage("user", "<image>\n" + question)])
+    assert expanded == expand_placeholders(service_prompt, [256 * ours.shape[0]])

@@ -135,6 +135,20 @@ async def test_sixteen_bit_images_decode_within_a_bounded_memory() -> None:
         assert peak > 400 << 20 and now < 200 << 20, (peak >> 20, now >> 20)  # the big buffers went back
 
 
+async def test_the_largest_image_fits_the_default_memory_limit_with_threads() -> None:
+    """An 80 MP image (the pixel limit) decodes and tiles with 4 resize threads per worker inside the default
+    1 GiB of address space: each thread's stack (1 MiB) and the second malloc arena (MALLOC_ARENA_MAX=2) fit, and
+    the banded resizes crop the source in bands of at most 8 MB."""
+    data = png_bomb(10000, 7999, complete=True)
+    sandbox = SandboxLimits(workers=1, cpu_s=60, threads=4, recycle_rss_bytes=0)
+    async with Preprocessor(ImageLimits(), sandbox=sandbox) as preprocessor:
+        pid = preprocessor.pool.pids[0]
+        result = await preprocessor.tile(data, TilingConfig(max_tiles=12), await preprocessor.probe(data))
+        assert result.plan.num_tiles == 13 and pid in preprocessor.pool.pids
+        assert status_kib(pid, "Threads") == 5
+        await still_works(preprocessor)
+
+
 async def test_a_worker_left_above_its_rss_limit_is_replaced() -> None:
     data = png_bomb(6000, 6000, complete=True, bit_depth=16)
     async with Preprocessor(ImageLimits(), sandbox=SandboxLimits(workers=1, cpu_s=60)) as preprocessor:

@@ -72,6 +72,20 @@ async def test_sandboxed_tiles_are_bit_exact_with_in_process(preprocessor: Prepr
     assert len(preprocessor.pool.pids) == 2
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+async def test_sandboxed_tiles_with_threads_are_bit_exact(threads: int) -> None:
+    """Workers that resize in bands on their own threads (IVL_VISION_DECODE_THREADS) give the same pixels as the
+    serial in-process path, for every case and every dtype."""
+    inputs = [(_photo_bytes(w, h, fmt, seed=w, mode=mode), TilingConfig(max_tiles=t)) for w, h, fmt, mode, t in CASES]
+    inputs.append((_photo_bytes(3840, 2160, "JPEG", seed=4), TilingConfig(max_tiles=12)))
+    for dtype in ("float32", "bfloat16"):
+        async with Preprocessor(ImageLimits(), dtype=dtype, sandbox=SandboxLimits(workers=1, threads=threads)) as pre:
+            for data, config in inputs:
+                result = await pre.tile(data, config, await pre.probe(data))
+                expected = preprocess_trusted(data, config, ImageLimits(), dtype)
+                assert result.plan == expected.plan and np.array_equal(result.pixels, expected.pixels)
+
+
 async def test_probe_agrees_with_decoding_on_the_corpus(preprocessor: Preprocessor) -> None:
     """The header plan equals the decoded plan for every good file; every bad one is refused with its code."""
     config = TilingConfig(max_tiles=6)

@@ -15,7 +15,6 @@ from ivl_vision.tiling import (
     MAX_TILES_LIMIT,
     TilingConfig,
     candidate_grids,
-    float32_to_bfloat16_bits,
     plan_tiles,
     tile_pixels,
 )
@@ -241,16 +240,6 @@ def test_every_byte_value_normalises_like_torch() -> None:
     config = TilingConfig()
     plan = plan_tiles(448, 448, config)
     assert np.array_equal(tile_pixels(image, plan, config), reference_pixels(image).numpy())
-
-
-def test_bfloat16_rounding_is_nearest_even() -> None:
-    samples = np.array(
-        [1.0, 1.00390625, 1.01171875, -2.5e-3, 3.0e38, 1e-40, np.inf, -np.inf], dtype=np.float32
-    )
-    rng = np.random.default_rng(0)
-    samples = np.concatenate([samples, rng.normal(0, 3, 10000).astype(np.float32)])
-    expected = torch.from_numpy(samples).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(float32_to_bfloat16_bits(samples), expected)
 
 
 def test_out_array_is_filled_in_place_and_checked() -> None:

@@ -253,3 +253,39 @@ async def test_16_bit_and_cuda_encoding_match_the_fp32_cpu_encoder(
     want = expected_embedding(reference_encoder, image, TilingConfig().with_overrides(4, None, None))
     assert got.shape == want.shape == (encoded.plan.num_tiles * TOKENS, 64)
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("embedding_dtype", ["bfloat16", "float16"])
+async def test_embeddings_are_cast_to_the_embedding_dtype(tiny_original, reference_encoder, make_png, embedding_dtype):
+    """IVL_VISION_EMBEDDING_DTYPE: an fp32 encoder sends 16-bit embeddings (the fp32 result rounded, half the bytes),
+    Info says so, and the fingerprint differs from the fp32 one (cache keys never mix dtypes)."""
+    data = make_png(640, 480, seed=5)
+    async with (running_vision_server(tiny_original, embedding_dtype=embedding_dtype) as (address, _),
+                grpc.aio.insecure_channel(address, options=message_size_options()) as channel):
+        stub = vision_pb2_grpc.VisionEncoderStub(channel)
+        info = await stub.Info(vision_pb2.InfoRequest())
+        response = await stub.EncodeImages(vision_pb2.EncodeImagesRequest(
+            images=[vision_pb2.ImageInput(data=data)], tiling=common_pb2.TilingOptions(max_tiles=2)))
+    assert info.dtype == "float32" and info.embedding_dtype == embedding_dtype
+    assert info.fingerprint != reference_encoder.info.fingerprint
+    assert response.fingerprint == info.fingerprint
+    encoded = response.images[0].embedding
+    assert encoded.dtype == embedding_dtype
+    expected = torch.from_numpy(expected_embedding(reference_encoder, data, TilingConfig(max_tiles=2)))
+    expected = expected.to(getattr(torch, embedding_dtype))
+    got = torch.from_numpy(tensor_from_pb(encoded).copy())
+    got = got.view(torch.bfloat16) if embedding_dtype == "bfloat16" else got
+    assert len(encoded.data) == expected.numel() * 2
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_auto_embedding_dtype_follows_a_16_bit_checkpoint():
+    from ivl_vision.settings import VisionSettings
+
+    settings = VisionSettings.model_construct(embedding_dtype="auto")
+    assert settings.resolved_embedding_dtype("float32", "bfloat16") == "bfloat16"  # CPU fp32 compute of a bf16 model
+    assert settings.resolved_embedding_dtype("float32", "float32") == "float32"
+    assert settings.resolved_embedding_dtype("bfloat16", None) == "bfloat16"
+    assert settings.resolved_embedding_dtype("float16", "bfloat16") == "float16"  # never changed when 16-bit already
+    explicit = VisionSettings.model_construct(embedding_dtype="float32")
+    assert explicit.resolved_embedding_dtype("bfloat16", "bfloat16") == "float32"  # widened only when asked

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from ivl_proto.dtypes import DTYPE_NAMES
 from ivl_proto.request_context import install_request_id_logging
 
 from ivl_llm.server import serve
@@ -18,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> LLMSettings:
     parser.add_argument("--host", help="IVL_LLM_HOST")
     parser.add_argument("--port", type=int, help="IVL_LLM_PORT (default 50052)")
     parser.add_argument("--backend", choices=["transformers", "lmdeploy"], help="IVL_LLM_BACKEND")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="IVL_LLM_DTYPE")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="IVL_LLM_DTYPE")
     parser.add_argument("--device", help="IVL_LLM_DEVICE, e.g. cpu or cuda")
     parser.add_argument(
         "--trust-remote-code", action="store_true", default=None,

@@ -19,13 +19,13 @@ from ivl_proto.grpc_runtime import (
     wait_for_stop_signal,
 )
 from ivl_proto.internal_auth import token_server_interceptors
-from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
+from ivl_proto.llm.v1 import llm_pb2
 from ivl_proto.metrics_runtime import MetricsServer
 from ivl_proto.request_context import RequestIdServerInterceptor
 from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_llm.service import LLMService
-from ivl_llm.servicer import LanguageModelServicer
+from ivl_llm.servicer import LanguageModelServicer, add_llm_servicer
 from ivl_llm.settings import LLMSettings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def build_server(
     server = new_aio_server(settings.max_message_bytes, interceptors=[
         *tracing.server_interceptors(provider), *token_server_interceptors(settings.auth_token, "LLM"),
         RequestIdServerInterceptor()])
-    llm_pb2_grpc.add_LanguageModelServicer_to_server(LanguageModelServicer(service), server)
+    add_llm_servicer(LanguageModelServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.port)
     return LLMServer(server, port, settings.host, health_servicer, service, settings, tracer_provider=provider)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
+from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import invalid
 from ivl_proto.grpc_runtime import map_errors
@@ -21,6 +24,7 @@ ROLES = {
     common_pb2.ROLE_USER: ROLE_USER,
     common_pb2.ROLE_ASSISTANT: ROLE_ASSISTANT,
 }
+SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 FINISH_REASONS = {
     FINISH_STOP: common_pb2.FINISH_REASON_STOP,
     FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
@@ -80,10 +84,50 @@ def logprob_to_pb(entry: TokenLogprob) -> common_pb2.TokenLogprob:
     )
 
 
-def embeddings_from_pb(request: llm_pb2.GenerateRequest) -> list[ImageEmbedding]:
+@dataclass(frozen=True)
+class GenerateCall:
+    """A received GenerateRequest whose embeddings' data was left in the received bytes (tensor_wire.split_tensors):
+    `request.image_embeddings[i].data` is empty and `embedding_data[i]` views those bytes, no copy."""
+
+    request: llm_pb2.GenerateRequest
+    embedding_data: list[memoryview]
+
+
+def parse_generate(raw: bytes) -> GenerateCall | Undecodable:
+    try:
+        request, datas = tensor_wire.split_tensors(llm_pb2.GenerateRequest, raw, (2,))
+    except (ValueError, DecodeError) as error:
+        return Undecodable(str(error))
+    return GenerateCall(request, datas)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    reason: str
+
+
+def embeddings_from_pb(request: llm_pb2.GenerateRequest, data: list[memoryview] | None = None) -> list[ImageEmbedding]:
     return [
-        ImageEmbedding(tensor_from_pb(t, f"image embedding {i}"), t.dtype) for i, t in enumerate(request.image_embeddings)
+        ImageEmbedding(tensor_from_pb(t, f"image embedding {i}", None if data is None else data[i]), t.dtype)
+        for i, t in enumerate(request.image_embeddings)
     ]
+
+
+def add_llm_servicer(servicer: LanguageModelServicer, server: grpc.aio.Server) -> None:
+    """Register ivl.llm.v1.LanguageModel like the generated add_LanguageModelServicer_to_server, except that
+    Generate's embeddings are read as views of the received bytes (one conversion, into the prompt's embeddings)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse_generate,
+            response_serializer=llm_pb2.GenerateResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=llm_pb2.InfoRequest.FromString,
+            response_serializer=llm_pb2.InfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
@@ -92,9 +136,14 @@ class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):
 
     @map_errors
     async def Generate(
-        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: llm_pb2.GenerateRequest | GenerateCall | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        events = self.service.generate(messages_from_pb(request), embeddings_from_pb(request), sampling_from_pb(request.sampling))
+        if isinstance(request, Undecodable):
+            raise invalid(f"the request is not a valid ivl.llm.v1.GenerateRequest ({request.reason})")
+        data = request.embedding_data if isinstance(request, GenerateCall) else None
+        message = request.request if isinstance(request, GenerateCall) else request
+        events = self.service.generate(messages_from_pb(message), embeddings_from_pb(message, data),
+                                       sampling_from_pb(message.sampling))
         try:
             async for event in events:
                 if isinstance(event, Finished):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ivl_proto.dtypes import DtypeName
 from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,7 +21,7 @@ class LLMSettings(BaseSettings):
     auth_token: str = Field("", description="shared secret the gateway must send (x-ivl-internal-token "
                             "metadata); empty = no check. grpc.health.v1 stays open")
     backend: Literal["transformers", "lmdeploy"] = "transformers"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     device: str = "cpu"
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     trust_remote_code: bool = Field(

@@ -6,6 +6,11 @@ a worker thread (torch releases the GIL, so the event loop keeps serving), and h
 its rows back. A request larger than the budget is split over several forwards; its pieces come
 back in order. Cancelled requests are dropped before their forward; a failing forward fails only
 the requests that had tiles in it.
+
+Overlap: with a `stage_fn` (the GPU path of ivl_vision.encode_pipeline: pixels into pinned memory and an
+asynchronous copy to the device), a full batch that is already waiting when a forward starts is taken and staged
+at once, in a thread of its own, so its host-to-device copy runs during the previous forward; forwards still run
+one at a time, in order. A batch that is not full waits for the forward as before (it may still grow).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from ivl_proto.errors import ErrorCode, ServingError
 
 log = logging.getLogger(__name__)
 
-EncodeFn = Callable[[np.ndarray], np.ndarray]
+EncodeFn = Callable[[Any], np.ndarray]
+StageFn = Callable[[np.ndarray], Any]
 
 
 @dataclass
@@ -32,6 +39,7 @@ class BatcherStats:
     """Counters since start (read by tests, Info and metrics)."""
 
     forwards: int = 0
+    staged_early: int = 0  # batches taken and staged while the previous forward ran (overlap)
     tiles_encoded: int = 0
     max_batch_seen: int = 0
     requests: int = 0
@@ -80,11 +88,13 @@ class TileBatcher:
         max_wait_ms: float,
         max_queued_tiles: int,
         batching: bool = True,
+        stage_fn: StageFn | None = None,
         on_forward: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_tiles < 1 or max_queued_tiles < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_tiles and max_queued_tiles must be >= 1 and max_wait_ms >= 0")
         self._encode_fn = encode_fn
+        self._stage_fn = stage_fn
         self.max_batch_tiles = max_batch_tiles
         self.max_wait_s = max_wait_ms / 1000.0 if batching else 0.0
         self.max_queued_tiles = max_queued_tiles
@@ -97,6 +107,7 @@ class TileBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._in_flight: list[_Piece] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivl-encode")
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivl-stage") if stage_fn else None
         self._closed = False
 
     @property
@@ -166,6 +177,8 @@ class TileBatcher:
         self._in_flight = []
         self._queued_tiles = 0
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._stager is not None:
+            self._stager.shutdown(wait=True, cancel_futures=True)
 
     def _abandon(self, job: _Job, cancelled: bool) -> None:
         """Take a job's untaken tiles out of the queue now (pieces already running finish)."""
@@ -179,17 +192,50 @@ class TileBatcher:
                 self.stats.cancelled_requests += 1
 
     async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._wait_for_batch()
-            pieces = self._take_batch()
-            if pieces:
-                self._in_flight = pieces
-                await self._forward(pieces)
-                self._in_flight = []
+        running: asyncio.Task[None] | None = None  # the forward under way
+        try:
+            while True:
+                if running is not None and running.done():
+                    running = None
+                if not self._queue:
+                    if running is not None:
+                        waiter = asyncio.ensure_future(self._wakeup.wait())
+                        await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                        waiter.cancel()
+                    else:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                if running is not None and self._queued_tiles < self.max_batch_tiles:
+                    await running  # no full batch waits: the next one may still grow during this forward
+                    continue
+                if running is None:
+                    await self._wait_for_batch()
+                pieces = self._take_batch()
+                if not pieces:
+                    continue
+                staged = self._stage(pieces)
+                if running is not None:
+                    self.stats.staged_early += 1
+                    await running  # forwards run one at a time, in order
+                self._in_flight = [*self._in_flight, *pieces]
+                running = asyncio.ensure_future(self._forward(pieces, staged))
+        finally:
+            if running is not None and not running.done():
+                running.cancel()
+
+    def _stage(self, pieces: list[_Piece]) -> asyncio.Future[Any]:
+        """The batch's pixels, staged for its forward (stage_fn in the stage thread, when there is one)."""
+        first = pieces[0]
+        batch = (first.job.pixels[first.start : first.stop] if len(pieces) == 1
+                 else np.concatenate([p.job.pixels[p.start : p.stop] for p in pieces], axis=0))
+        loop = asyncio.get_running_loop()
+        if self._stage_fn is None or self._stager is None:
+            future: asyncio.Future[Any] = loop.create_future()
+            future.set_result(batch)
+            return future
+        return asyncio.ensure_future(loop.run_in_executor(self._stager, self._stage_fn, batch))
 
     async def _wait_for_batch(self) -> None:
         """Wait until the budget is full or the oldest waiting request's window has passed."""
@@ -223,16 +269,18 @@ class TileBatcher:
                 self._queue.popleft()
         return pieces
 
-    async def _forward(self, pieces: list[_Piece]) -> None:
+    async def _forward(self, pieces: list[_Piece], staged: asyncio.Future[Any]) -> None:
+        try:
+            await self._forward_staged(pieces, staged)
+        finally:
+            self._in_flight = [p for p in self._in_flight if p not in pieces]
+
+    async def _forward_staged(self, pieces: list[_Piece], staged: asyncio.Future[Any]) -> None:
         tiles = sum(p.stop - p.start for p in pieces)
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         try:
-            batch = (
-                pieces[0].job.pixels[pieces[0].start : pieces[0].stop]
-                if len(pieces) == 1
-                else np.concatenate([p.job.pixels[p.start : p.stop] for p in pieces], axis=0)
-            )
+            batch = await staged
+            started = time.perf_counter()  # the forward alone, not the wait for its staging
             output = await loop.run_in_executor(self._executor, self._encode_fn, batch)
             if output.shape[0] != tiles:
                 raise ValueError(f"encoder returned {output.shape[0]} rows for {tiles} tiles")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from ivl_proto.dtypes import name_of_torch
 from ivl_proto.errors import ErrorCode, ServingError
 
 from ivl_vision.checkpoint_config import VisionCheckpointConfig, read_config
@@ -19,8 +20,6 @@ from ivl_vision.fingerprint import fingerprint
 from ivl_vision.model_info import VisionModelInfo
 
 __all__ = ["VisionModelInfo", "build_random_encoder", "load_vision_encoder"]
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def load_vision_encoder(
@@ -74,8 +73,7 @@ def build_random_encoder(
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in DTYPE_NAMES:
-        raise ServingError(ErrorCode.INVALID_ARGUMENT, f"dtype {dtype} is not one of float32, bfloat16, float16")
+    name_of_torch(dtype, "the vision encoder")  # INVALID_ARGUMENT for dtypes off the table
 
 
 def _finish(
@@ -83,7 +81,7 @@ def _finish(
 ) -> VisionEncoder:
     encoder.eval()
     encoder.requires_grad_(False)
-    dtype_name = DTYPE_NAMES[dtype]
+    dtype_name = name_of_torch(dtype)
     encoder.info = VisionModelInfo(
         model_id=model_id,
         layout=config.layout,

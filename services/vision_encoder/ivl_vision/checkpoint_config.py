@@ -70,6 +70,20 @@ class VisionCheckpointConfig:
         return layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
 
 
+def declared_dtype(folder: Path) -> str | None:
+    """The dtype the checkpoint's config.json declares (torch_dtype / dtype, top level or the LLM's), if any."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (raw, raw.get("llm_config") or {}, raw.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, str):
+                return value.removeprefix("torch.")
+    return None
+
+
 def read_config(folder: Path) -> VisionCheckpointConfig:
     path = folder / "config.json"
     if not path.is_file():

@@ -11,15 +11,18 @@ Imports numpy, PIL and this package's pure modules only (no torch).
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import invalid
 from ivl_proto.worker_loop import run_worker
 
 from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
-from ivl_vision.tiling import TilePlan, TilingConfig, pixel_numpy_dtype, plan_tiles, tile_pixels
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
 
 
 def limits_to_task(limits: ImageLimits) -> dict[str, Any]:
@@ -55,22 +58,48 @@ def _probe(task: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any],
     return {"width": width, "height": height}, None
 
 
+# Stack of each resize thread: Pillow and numpy need little, and every thread's stack counts toward the
+# worker's address-space limit (the default is 8 MiB each).
+THREAD_STACK_BYTES = 1 << 20
+
+
 class _Tiler:
     """The "tile" task. Its output array is reused from task to task (grown when needed): a fresh 20 MB array
-    per image costs thousands of page faults, more than sending it to the pool."""
+    per image costs thousands of page faults, more than sending it to the pool. With "threads" > 1 the
+    resizes and gathers run in bands on a thread pool kept for the worker's life (ivl_vision.banded_resize;
+    RLIMIT_CPU is per process, so the threads share the image's CPU budget)."""
 
     def __init__(self) -> None:
         self._buffer = np.empty(0, dtype=np.uint8)
+        self._executor: ThreadPoolExecutor | None = None
+        self._threads = 1
+
+    def _pool(self, threads: int) -> ThreadPoolExecutor | None:
+        if threads <= 1:
+            return None
+        if self._executor is None or self._threads != threads:
+            if self._executor is not None:
+                self._executor.shutdown()
+            previous = threading.stack_size(THREAD_STACK_BYTES)
+            try:
+                self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ivl-tile")
+                # start every thread now, under the small stack size
+                for future in [self._executor.submit(time.sleep, 0) for _ in range(threads)]:
+                    future.result()
+            finally:
+                threading.stack_size(previous)
+            self._threads = threads
+        return self._executor
 
     def _out(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        numpy_dtype = pixel_numpy_dtype(dtype)
-        size = int(np.prod(shape)) * numpy_dtype.itemsize
+        storage = numpy_dtype(dtype, "the pixels")
+        size = int(np.prod(shape)) * storage.itemsize
         if self._buffer.nbytes < size:
             self._buffer = np.empty(size, dtype=np.uint8)
-        return self._buffer[:size].view(numpy_dtype).reshape(shape)
+        return self._buffer[:size].view(storage).reshape(shape)
 
     def __call__(self, task: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], memoryview]:
-        started = time.thread_time()
+        started = time.process_time()
         image = decode_image(payload or b"", limits_from_task(task))
         expected = tuple(task["expect_size"])
         if image.size != expected:
@@ -81,10 +110,12 @@ class _Tiler:
         plan = plan_tiles(image.width, image.height, config)
         dtype = str(task["dtype"])
         shape = (plan.num_tiles, 3, config.image_size, config.image_size)
-        pixels = tile_pixels(image, plan, config, dtype, out=self._out(shape, dtype))
+        threads = max(1, int(task.get("threads", 1)))
+        pixels = tile_pixels(image, plan, config, dtype, out=self._out(shape, dtype), executor=self._pool(threads),
+                             threads=threads)
         image.close()
         header = {"plan": plan_to_dict(plan), "shape": list(pixels.shape), "dtype": dtype,
-                  "cpu_s": time.thread_time() - started}
+                  "cpu_s": time.process_time() - started}
         return header, memoryview(pixels).cast("B")
 
 

@@ -11,16 +11,18 @@ naming the limit. `preprocess_trusted` (no sandbox) is for trusted input: the CL
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
 from ivl_vision.decode_worker import limits_to_task, tiling_to_task
 from ivl_vision.image_io import ImageLimits, decode_image
-from ivl_vision.tiling import TilePlan, TilingConfig, pixel_numpy_dtype, plan_tiles, tile_pixels
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
 
 WORKER_MODULE = "ivl_vision.decode_worker"
 
@@ -42,9 +44,10 @@ class SandboxLimits:
     wall_s: float = 30.0  # wall-clock guard per task (a starved or stuck worker)
     memory_bytes: int = 1 << 30  # address space per worker beyond its imports
     recycle_rss_bytes: int = 512 << 20  # replace a worker whose RSS stays above this after a task
+    threads: int = 1  # threads a worker resizes + normalises one image with (ivl_vision.banded_resize)
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.cpu_s <= 0 or self.wall_s <= 0 or self.cpu_s_per_megapixel < 0:
+        if self.threads < 1 or self.workers < 1 or self.cpu_s <= 0 or self.wall_s <= 0 or self.cpu_s_per_megapixel < 0:
             raise invalid(f"decode sandbox limits must be positive, got {self}")
 
     def cpu_budget(self, pixels: int) -> float:
@@ -58,12 +61,16 @@ class SandboxLimits:
         )
 
 
-def preprocess_trusted(data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32") -> PreprocessedImage:
-    """Decode, plan and tile in the calling thread, without the sandbox: for trusted input only (the
-    ivl-plan CLI, benchmarks, tests, training data made here)."""
+def preprocess_trusted(
+    data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32",
+    executor: Executor | None = None, threads: int = 1,
+) -> PreprocessedImage:
+    """Decode, plan and tile in the calling thread (the resizes on `executor`'s threads when given), without
+    the sandbox: for trusted input only (the ivl-plan CLI, benchmarks, tests, training data made here)."""
     image = decode_image(data, limits)
     plan = plan_tiles(image.width, image.height, config)
-    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype), plan=plan)
+    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype, executor=executor, threads=threads),
+                             plan=plan)
 
 
 def _gib(size: int) -> str:
@@ -74,7 +81,7 @@ class Preprocessor:
     """Decodes untrusted image bytes under `limits` in sandboxed workers and tiles them; one per service."""
 
     def __init__(self, limits: ImageLimits, dtype: str = "float32", sandbox: SandboxLimits | None = None) -> None:
-        pixel_numpy_dtype(dtype)  # validates the name
+        numpy_dtype(dtype, "the pixels")  # validates the name
         self._limits = limits
         self._dtype = dtype
         self.sandbox = sandbox or SandboxLimits()
@@ -120,7 +127,7 @@ class Preprocessor:
         `preprocess`."""
         plan = plan_tiles(size[0], size[1], config)
         shape = (plan.num_tiles, 3, config.image_size, config.image_size)
-        pixels = np.empty(shape, dtype=pixel_numpy_dtype(self._dtype))
+        pixels = np.empty(shape, dtype=numpy_dtype(self._dtype, "the pixels"))
 
         def receive(header: dict[str, Any]) -> memoryview:
             if list(header.get("shape", ())) != list(shape) or header.get("dtype") != self._dtype:
@@ -128,7 +135,7 @@ class Preprocessor:
             return memoryview(pixels).cast("B")
 
         task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": self._dtype,
-                "expect_size": list(size)}
+                "expect_size": list(size), "threads": self.sandbox.threads}
         pixels_count = size[0] * size[1]
         await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
         return PreprocessedImage(pixels=pixels, plan=plan)

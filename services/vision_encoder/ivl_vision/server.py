@@ -13,11 +13,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ivl_proto import tracing
+from ivl_proto.dtypes import numpy_dtype, torch_dtype
 from ivl_proto.errors import ServingError
 from ivl_proto.grpc_runtime import (
     add_health_and_reflection,
@@ -30,17 +31,17 @@ from ivl_proto.grpc_runtime import (
 from ivl_proto.internal_auth import token_server_interceptors
 from ivl_proto.metrics_runtime import MetricsServer
 from ivl_proto.request_context import RequestIdServerInterceptor
-from ivl_proto.vision.v1 import vision_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_vision.batching import TileBatcher
+from ivl_vision.checkpoint_config import declared_dtype
+from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.encoder import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor, SandboxLimits
-from ivl_vision.service import TORCH_DTYPES, VisionService, make_encode_fn
-from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer
+from ivl_vision.service import VisionService
+from ivl_vision.servicer import SERVICE_NAME, VisionEncoderServicer, add_vision_servicer
 from ivl_vision.settings import VisionSettings
-from ivl_vision.tiling import pixel_numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,14 @@ def build_preprocessor(settings: VisionSettings, dtype: str) -> Preprocessor:
         workers=settings.preprocess_workers, light_pixels=settings.decode_light_pixels, cpu_s=settings.decode_cpu_s,
         cpu_s_per_megapixel=settings.decode_cpu_s_per_mp, wall_s=settings.decode_wall_s,
         memory_bytes=settings.decode_memory_mb << 20, recycle_rss_bytes=settings.decode_recycle_rss_mb << 20,
+        threads=settings.resolved_decode_threads(),
     )
     return Preprocessor(limits, dtype=dtype, sandbox=sandbox)
 
 
 def load_encoder(settings: VisionSettings, device: str, dtype: str) -> Any:
     """Default loader: the checkpoint's vision tower + projector on `device` in `dtype`."""
-    return load_vision_encoder(settings.model_path, dtype=TORCH_DTYPES[dtype], device=device)
+    return load_vision_encoder(settings.model_path, dtype=torch_dtype(dtype, "IVL_VISION_DTYPE"), device=device)
 
 
 class VisionServer:
@@ -80,7 +82,7 @@ class VisionServer:
             *tracing.server_interceptors(self.tracer_provider), *token_server_interceptors(settings.auth_token, "vision"),
             RequestIdServerInterceptor()])
         self._servicer = VisionEncoderServicer()
-        vision_pb2_grpc.add_VisionEncoderServicer_to_server(self._servicer, self._server)
+        add_vision_servicer(self._servicer, self._server)
         self._health = add_health_and_reflection(self._server, [SERVICE_NAME])
         self._loading: asyncio.Task[VisionService] | None = None
         self.service: VisionService | None = None
@@ -121,23 +123,27 @@ class VisionServer:
         device = settings.resolved_device(torch.cuda.is_available())
         dtype = settings.resolved_dtype(device)
         encoder = await asyncio.to_thread(self._load, settings, device, dtype)
-        encode_fn = make_encode_fn(encoder, dtype, device)
+        embedding_dtype = settings.resolved_embedding_dtype(dtype, declared_dtype(Path(settings.model_path)))
+        pipeline = EncodePipeline(encoder, dtype, device, embedding_dtype, settings.max_batch_tiles,
+                                  compile_mode=settings.compile)
         info = encoder.info
         preprocessor = build_preprocessor(settings, dtype)  # pixels in the compute dtype: half the memory at 16 bit
         try:
             await preprocessor.start()
-            if settings.warmup:  # one dummy forward, outside the batcher's counters
-                size = int(info.image_size)
-                await asyncio.to_thread(encode_fn, np.zeros((1, 3, size, size), dtype=pixel_numpy_dtype(dtype)))
+            if settings.warmup or settings.compile != "off":  # dummy forwards (each compiled shape), outside the counters
+                await asyncio.to_thread(pipeline.warm_up, int(info.image_size), numpy_dtype(dtype))
         except BaseException:
             await preprocessor.close()
             raise
+        # On a GPU the next full batch is staged (pinned memory, async copy) during the current forward.
+        staged = pipeline.cuda
         batcher = TileBatcher(
-            encode_fn, settings.max_batch_tiles, settings.batch_wait_ms, settings.max_queued_tiles,
-            batching=settings.batching, on_forward=self._servicer.metrics.forward,
+            pipeline.run if staged else pipeline, settings.max_batch_tiles, settings.batch_wait_ms,
+            settings.max_queued_tiles, batching=settings.batching, stage_fn=pipeline.stage if staged else None,
+            on_forward=self._servicer.metrics.forward,
         )
         batcher.start()
-        service = VisionService(settings, encoder, preprocessor, batcher,
+        service = VisionService(settings, encoder, preprocessor, batcher, embedding_dtype=embedding_dtype,
                                 tracer=tracing.tracer_of(self.tracer_provider, "ivl_vision"))
         self.service = service
         self._servicer.attach(service)

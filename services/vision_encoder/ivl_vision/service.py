@@ -7,20 +7,21 @@ tiled in a sandboxed worker (ivl_vision.preprocess); a failing image cancels the
 decodes (their workers are killed). The tiles go to the shared TileBatcher, so tiles of concurrent
 requests share forwards.
 An image's embedding is (num_tiles * tokens_per_tile, llm_hidden) in the encoder's dtype; bfloat16
-travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.tensor_codec).
+travels as its uint16 bit pattern with dtype name "bfloat16" (see ivl_proto.dtypes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+from ivl_proto.dtypes import name_of_array
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.image_budget import ImageBudget, check_images
 from ivl_proto.image_budget import PlannedImage as BudgetedImage
@@ -28,16 +29,12 @@ from ivl_proto.worker_pool import PoolStats
 from opentelemetry import trace
 
 from ivl_vision.admission import BudgetStats, PixelBudget
-from ivl_vision.batching import BatcherStats, EncodeFn, TileBatcher
+from ivl_vision.batching import BatcherStats, TileBatcher
+from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
 from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 MAX_PLANS_PER_REQUEST = 1024
 
 
@@ -105,6 +102,7 @@ class ServiceInfo:
     decode: DecodeInfo
     max_image_side: int
     max_jpeg_scans: int
+    embedding_dtype: str
 
 
 @dataclass(frozen=True)
@@ -127,29 +125,21 @@ class BatchingInfo:
     stats: BatcherStats
 
 
-def make_encode_fn(encoder: Any, dtype: str, device: str) -> EncodeFn:
-    """Wrap encoder.encode for the batcher: numpy pixels in, numpy (T, tokens, hidden) out.
+def make_encode_fn(encoder: Any, dtype: str, device: str, output_dtype: str | None = None) -> EncodePipeline:
+    """The batcher's encode function: numpy pixels in, numpy (T, tokens, hidden) out in `output_dtype` (default:
+    the compute dtype), cast on the device before the copy to the host (ivl_vision.encode_pipeline).
 
     Pixels may be float32, float16 or bfloat16 bit patterns (uint16), as the Preprocessor makes them.
     """
-    torch_dtype = TORCH_DTYPES[dtype]
-
-    def encode(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(pixels))
-            if batch.dtype == torch.uint16:  # bfloat16 pixels travel as their bit patterns
-                batch = batch.view(torch.bfloat16)
-            batch = batch.to(device=device, dtype=torch_dtype)
-            output = encoder.encode(batch).detach().to("cpu")
-        if output.dtype == torch.bfloat16:
-            return output.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return output.contiguous().numpy()
-
-    return encode
+    return EncodePipeline(encoder, dtype, device, output_dtype)
 
 
-def _dtype_name(array: np.ndarray) -> str:
-    return "bfloat16" if array.dtype == np.uint16 else str(array.dtype)
+def embedding_fingerprint(model_fingerprint: str, compute_dtype: str, embedding_dtype: str) -> str:
+    """The model's fingerprint, or (when embeddings are cast to another dtype) one that differs with that dtype:
+    cache keys must never mix embeddings of two dtypes."""
+    if embedding_dtype == compute_dtype:
+        return model_fingerprint
+    return hashlib.sha256(f"{model_fingerprint}|embeddings:{embedding_dtype}".encode()).hexdigest()[: len(model_fingerprint)]
 
 
 def default_tiling(settings: VisionSettings, info: Any) -> TilingConfig:
@@ -169,7 +159,8 @@ class VisionService:
 
     def __init__(
         self, settings: VisionSettings, encoder: Any, preprocessor: Preprocessor, batcher: TileBatcher,
-        pixel_budget: PixelBudget | None = None, tracer: trace.Tracer | None = None,
+        pixel_budget: PixelBudget | None = None, embedding_dtype: str | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.tracer = tracer or trace.NoOpTracer()
@@ -182,6 +173,8 @@ class VisionService:
         )
         self.model = encoder.info
         self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.embedding_dtype = embedding_dtype or self.dtype
+        self.fingerprint = embedding_fingerprint(str(self.model.fingerprint), self.dtype, self.embedding_dtype)
         self.default_tiling = default_tiling(settings, self.model)
         self.tokens_per_tile = int(self.model.tokens_per_tile)
 
@@ -257,10 +250,10 @@ class VisionService:
             embeddings = await self.batcher.encode_many([p.pixels for p in preprocessed])
         done = time.perf_counter()
         encoded = [
-            EncodedImage(embedding, _dtype_name(embedding), self._planned(p.plan, config))
+            EncodedImage(embedding, name_of_array(embedding, "the encoder output"), self._planned(p.plan, config))
             for embedding, p, config in zip(embeddings, preprocessed, configs, strict=True)
         ]
-        return EncodeResult(encoded, encode_started - started, done - encode_started, self.model.fingerprint)
+        return EncodeResult(encoded, encode_started - started, done - encode_started, self.fingerprint)
 
     async def _decode_all(
         self, images: Sequence[ImageRequest], configs: Sequence[TilingConfig], plans: Sequence[TilePlan]
@@ -317,13 +310,14 @@ class VisionService:
         m = self.model
         limits = self.preprocessor.limits
         return ServiceInfo(
-            model_id=str(m.model_id), fingerprint=str(m.fingerprint), hidden_size=int(m.llm_hidden_size),
+            model_id=str(m.model_id), fingerprint=self.fingerprint, hidden_size=int(m.llm_hidden_size),
             tokens_per_tile=self.tokens_per_tile, image_size=int(m.image_size), dtype=self.dtype,
             device=str(m.device), default_tiling=self.default_tiling, max_tiles_limit=MAX_TILES_LIMIT,
             max_image_bytes=self.settings.max_image_bytes, max_image_pixels=self.settings.max_image_pixels,
             max_images_per_request=self.settings.max_images_per_request, ps_version=str(m.ps_version),
             downsample_ratio=float(m.downsample_ratio), batching=self.batching_info(), decode=self.decode_info(),
             max_image_side=limits.max_side, max_jpeg_scans=limits.max_jpeg_scans,
+            embedding_dtype=self.embedding_dtype,
         )
 
     def batching_info(self) -> BatchingInfo:

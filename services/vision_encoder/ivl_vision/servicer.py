@@ -10,17 +10,19 @@ import logging
 import time
 
 import grpc
+from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.grpc_runtime import map_errors
 from ivl_proto.image_budget import ImageBudget
-from ivl_proto.tensor_codec import tensor_to_pb
+from ivl_proto.tensor_codec import tensor_to_wire
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from ivl_vision.metrics import VisionMetrics
 from ivl_vision.service import (
     BatchingInfo,
     DecodeInfo,
+    EncodeResult,
     ImageRequest,
     PlannedImage,
     TilingRequest,
@@ -81,6 +83,42 @@ def decode_to_pb(info: DecodeInfo) -> vision_pb2.DecodeStats:
     )
 
 
+def encode_response_bytes(result: EncodeResult) -> bytes:
+    """EncodeImagesResponse bytes: protobuf writes the small fields, each embedding's array goes in as it is."""
+    pieces: list[tensor_wire.Buffer] = [vision_pb2.EncodeImagesResponse(
+        preprocess_s=result.preprocess_s, encode_s=result.encode_s, fingerprint=result.fingerprint).SerializeToString()]
+    for image in result.images:
+        encoded = tensor_wire.submessage(1, tensor_to_wire(image.embedding, image.dtype).pieces())
+        encoded += tensor_wire.submessage(2, [plan_to_pb(image.planned).SerializeToString()])
+        pieces += tensor_wire.submessage(1, encoded)
+    return tensor_wire.join(pieces)
+
+
+def _serialize(response: object) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()  # type: ignore[attr-defined]
+
+
+def add_vision_servicer(servicer: VisionEncoderServicer, server: grpc.aio.Server) -> None:
+    """Register ivl.vision.v1.VisionEncoder like the generated add_VisionEncoderServicer_to_server, except that
+    EncodeImages returns its response already serialized."""
+    handlers = {
+        "EncodeImages": grpc.unary_unary_rpc_method_handler(
+            servicer.EncodeImages, request_deserializer=vision_pb2.EncodeImagesRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "PlanImages": grpc.unary_unary_rpc_method_handler(
+            servicer.PlanImages, request_deserializer=vision_pb2.PlanImagesRequest.FromString,
+            response_serializer=vision_pb2.PlanImagesResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=vision_pb2.InfoRequest.FromString,
+            response_serializer=vision_pb2.InfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     def __init__(self, service: VisionService | None = None, metrics: VisionMetrics | None = None) -> None:
         self._service = service
@@ -99,9 +137,8 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         return self._service
 
     @map_errors
-    async def EncodeImages(
-        self, request: vision_pb2.EncodeImagesRequest, context: grpc.aio.ServicerContext
-    ) -> vision_pb2.EncodeImagesResponse:
+    async def EncodeImages(self, request: vision_pb2.EncodeImagesRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """The EncodeImagesResponse, serialized here with one copy of each embedding (ivl_proto.tensor_wire)."""
         started = time.perf_counter()
         outcome = "cancelled"
         try:
@@ -122,15 +159,7 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         metrics.request_tiles.observe(tiles)
         log.debug("EncodeImages: %d image(s), %d tiles, decode %.3f s, encode %.3f s", len(result.images), tiles,
                   result.preprocess_s, result.encode_s)
-        return vision_pb2.EncodeImagesResponse(
-            images=[
-                vision_pb2.EncodedImage(embedding=tensor_to_pb(image.embedding, image.dtype), plan=plan_to_pb(image.planned))
-                for image in result.images
-            ],
-            preprocess_s=result.preprocess_s,
-            encode_s=result.encode_s,
-            fingerprint=result.fingerprint,
-        )
+        return encode_response_bytes(result)
 
     @map_errors
     async def PlanImages(
@@ -151,4 +180,5 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             max_images_per_request=info.max_images_per_request, ps_version=info.ps_version,
             downsample_ratio=info.downsample_ratio, device=info.device, batching=batching_to_pb(info.batching),
             decode=decode_to_pb(info.decode), max_image_side=info.max_image_side, max_jpeg_scans=info.max_jpeg_scans,
+            embedding_dtype=info.embedding_dtype,
         )

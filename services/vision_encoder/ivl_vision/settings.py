@@ -6,8 +6,10 @@ Nothing is read from the environment at import time: call `load_settings()` (or 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
+from ivl_proto import dtypes
 from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
 from pydantic import DirectoryPath, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +18,7 @@ from ivl_vision.tiling import MAX_TILES_LIMIT
 
 ENV_PREFIX = "IVL_VISION_"
 
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+DtypeName = Literal["auto"] | dtypes.DtypeName
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -37,9 +39,17 @@ class VisionSettings(BaseSettings):
     dtype: DtypeName = Field(
         "float32", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (bf16 is slow on CPUs)"
     )
+    embedding_dtype: DtypeName = Field(
+        "auto", description="dtype of the embeddings sent (cast on the device, before the copy to the host); auto = "
+        "the compute dtype, or the checkpoint's own 16-bit dtype when computing in float32 (never widened)",
+    )
     device: DeviceName = Field("cpu", description="cpu, cuda, or auto (cuda when available)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch default")
 
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the encoder (reduce-overhead = CUDA graphs); batches are padded to "
+        "1, 2, 4, ... MAX_BATCH_TILES tiles and each shape is compiled before SERVING",
+    )
     batching: bool = Field(True, description="false = one request per forward, no waiting (benchmarks)")
     max_batch_tiles: int = Field(32, ge=1, le=4096, description="tile budget of one encoder forward")
     batch_wait_ms: float = Field(
@@ -74,6 +84,11 @@ class VisionSettings(BaseSettings):
         4, ge=1, le=256,
         description="sandboxed worker processes that read headers and decode + tile images (more than cores: "
         "decodes are time-shared, so a small image is not stuck behind large ones)",
+    )
+    decode_threads: int = Field(
+        0, ge=0, le=64,
+        description="threads each decode worker resizes and normalises one image with (bands, bit-exact); "
+        "0 = auto: min(4, cores)",
     )
     decode_light_pixels: int = Field(
         4_000_000, ge=1, description="the last free decode worker only takes images up to this many pixels"
@@ -123,6 +138,21 @@ class VisionSettings(BaseSettings):
                 f"{ENV_PREFIX}DEVICE=cuda but no CUDA device is visible; use cpu or auto"
             )
         return self.device
+
+    def resolved_decode_threads(self) -> int:
+        """Threads per decode worker: the setting, or min(4, the cores this process may use)."""
+        if self.decode_threads:
+            return self.decode_threads
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+
+    def resolved_embedding_dtype(self, compute: str, checkpoint: str | None) -> str:
+        """The dtype embeddings travel in: the setting, else the compute dtype, narrowed to the checkpoint's 16-bit
+        dtype when the compute dtype is float32 (a CPU service of a bf16 model sends bf16, half the bytes)."""
+        if self.embedding_dtype != "auto":
+            return self.embedding_dtype
+        if compute == "float32" and checkpoint in ("bfloat16", "float16"):
+            return checkpoint
+        return compute
 
     def resolved_dtype(self, device: str) -> str:
         """The compute dtype name: 'auto' becomes bfloat16 on CUDA and float32 on CPU."""

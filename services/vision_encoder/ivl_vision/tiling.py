@@ -8,16 +8,19 @@ normalised (num_tiles, 3, S, S) array the vision tower takes. See docs/tiling.md
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import numpy as np
+from ivl_proto.dtypes import float32_to_bfloat16_bits, numpy_dtype
 from ivl_proto.errors import invalid
 from PIL import Image
+
+from ivl_vision.banded_resize import BandPlan, column_bands, finish_columns, start_rows
 
 MAX_TILES_LIMIT = 40
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PIXEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -134,30 +137,12 @@ def _float32_lut() -> np.ndarray:
     return (values[None, :] - mean) / std
 
 
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) with round-to-nearest-even, like torch's float -> bfloat16."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    rounded = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():  # keep NaN a (quiet) NaN instead of rounding it into an infinity
-        rounded[nan] = np.uint16(0x7FC0)
-    return rounded
-
-
 _LUT_FLOAT32 = _float32_lut()
 _LUTS: dict[str, np.ndarray] = {
     "float32": _LUT_FLOAT32,
     "float16": _LUT_FLOAT32.astype(np.float16),
     "bfloat16": float32_to_bfloat16_bits(_LUT_FLOAT32),
 }
-
-
-def pixel_numpy_dtype(dtype: str) -> np.dtype:
-    """numpy dtype of the pixels for a dtype name (bfloat16 -> uint16 bit patterns)."""
-    if dtype not in _LUTS:
-        raise invalid(f"pixel dtype {dtype!r} is not supported; use one of {', '.join(PIXEL_DTYPES)}")
-    return _LUTS[dtype].dtype
 
 
 def _normalise_into(planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray) -> None:
@@ -175,8 +160,50 @@ def _normalise_into(planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray) 
             np.take(table, block, out=out[tile, channel], mode="clip")
 
 
+def _normalise_columns(
+    planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray, left: int, grid_cols: int
+) -> None:
+    """Like _normalise_into for a band of output columns [left, left + band width) of the grid: each tile
+    row's part of the band goes to its tiles (whole tiles, or the part of a tile the band covers)."""
+    size = out.shape[-1]
+    right = left + planes[0].shape[1]
+    for column in range(left // size, (right - 1) // size + 1):
+        start, stop = max(left, column * size), min(right, (column + 1) * size)
+        for row in range(out.shape[0] // grid_cols):
+            tile = row * grid_cols + column
+            for channel, plane in enumerate(planes):
+                block = plane[row * size : (row + 1) * size, start - left : stop - left]
+                np.take(lut[channel], block, out=out[tile, channel, :, start - column * size : stop - column * size],
+                        mode="clip")
+
+
 def _channel_planes(image: Image.Image) -> list[np.ndarray]:
     return [np.asarray(band) for band in image.split()]
+
+
+def _tile_in_bands(
+    image: Image.Image, plan: TilePlan, size: int, lut: np.ndarray, out: np.ndarray, executor: Executor,
+    threads: int,
+) -> None:
+    """tile_pixels' resizes and gathers as bands on `executor` (ivl_vision.banded_resize): the horizontal passes
+    of the grid and the thumbnail band by band over the source rows, then the vertical passes by column bands
+    (a tile column each where the grid has enough), each band normalised into its tiles in the same thread."""
+    sizes = [(plan.resize_width, plan.resize_height)] + ([(size, size)] if plan.has_thumbnail else [])
+    stage = start_rows(image, sizes, executor, BandPlan.for_threads(threads))
+    grid = out[: plan.grid_tiles]
+
+    def gather_grid(left: int, band: Image.Image) -> None:
+        _normalise_columns(_channel_planes(band), lut, grid, left, plan.grid_cols)
+
+    def gather_thumbnail(left: int, band: Image.Image) -> None:
+        _normalise_into(_channel_planes(band), lut, out[plan.grid_tiles :])
+
+    pieces = column_bands(plan.resize_width, max(threads, plan.grid_cols), align=size)
+    futures = finish_columns(stage, 0, pieces, executor, then=gather_grid)
+    if plan.has_thumbnail:
+        futures += finish_columns(stage, 1, [(0, size)], executor, then=gather_thumbnail)
+    for future in futures:
+        future.result()
 
 
 def tile_pixels(
@@ -185,12 +212,15 @@ def tile_pixels(
     config: TilingConfig,
     dtype: str = "float32",
     out: np.ndarray | None = None,
+    executor: Executor | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Normalised tiles (num_tiles, 3, S, S): grid tiles row-major, then the thumbnail.
 
     One BICUBIC resize of the whole image to the grid, one vectorised gather per channel through a
     256-entry table (bit-identical to ToTensor + Normalize in float32); float16 / bfloat16 are the
-    float32 values rounded to nearest even (bfloat16 as uint16 bit patterns).
+    float32 values rounded to nearest even (bfloat16 as uint16 bit patterns). With an `executor` and
+    threads > 1 the resizes and gathers run in bands on its threads, with the same pixels.
     """
     if image.mode != "RGB":
         raise invalid(f"tile_pixels needs an RGB image, got mode {image.mode}")
@@ -199,7 +229,7 @@ def tile_pixels(
             f"image is {image.width}x{image.height} but the plan was made for "
             f"{plan.original_width}x{plan.original_height}"
         )
-    pixel_numpy_dtype(dtype)  # validates the name
+    numpy_dtype(dtype, "the pixels")  # validates the name
     lut = _LUTS[dtype]
     size = config.image_size
     shape = (plan.num_tiles, 3, size, size)
@@ -209,6 +239,9 @@ def tile_pixels(
         raise invalid(
             f"out must be a C-contiguous {lut.dtype} array of shape {shape}, got {out.dtype} {out.shape}"
         )
+    if executor is not None and threads > 1:
+        _tile_in_bands(image, plan, size, lut, out, executor, threads)
+        return out
     resized = image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
     _normalise_into(_channel_planes(resized), lut, out[: plan.grid_tiles])
     if plan.has_thumbnail:

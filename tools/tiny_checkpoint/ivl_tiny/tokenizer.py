@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerFast
 # Trained first, so they get ids 0, 1, 2 as in InternLM2's vocabulary.
 BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 # Added after the learned vocabulary, as the real releases do (InternLM2: 92542..92546).
-ADDED_SPECIAL_TOKENS = ("<|im_end|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<|endoftext|>")
+# "<video>": the distinct video token transformers' InternVLProcessor requires (the -hf releases have one).
+ADDED_SPECIAL_TOKENS = ("<|im_end|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>", "<|endoftext|>", "<video>")
 # In the sentencepiece variant the chat tokens are user-defined symbols at the end of the model's own
 # vocabulary (InternLM2: '<|im_end|>' 92542, '<|im_start|>' 92543 of 92544); InternVL's tokens follow
 # as added tokens, as InternVL's releases add them (92544 '<img>', ...).

@@ -8,6 +8,7 @@ from typing import Any
 
 from ivl_tiny.native_model import build_native_config, padded_vocab_size, random_native_state_dict
 from ivl_tiny.original_layout import original_config, to_original_state_dict
+from ivl_tiny.processor_files import write_processor_files
 from ivl_tiny.shards import write_sharded
 from ivl_tiny.spec import TinySpec
 from ivl_tiny.tokenizer import (
@@ -65,6 +66,8 @@ def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, lay
         save_sentencepiece_tokenizer(tokenizer, folder)
     else:
         save_tokenizer(tokenizer, folder)
+        if layout == "native":  # AutoProcessor files, as the -hf releases ship them
+            write_processor_files(folder, spec)
     return folder
 
 

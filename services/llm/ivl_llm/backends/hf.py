@@ -18,8 +18,8 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
+from ivl_proto.dtypes import to_torch, torch_dtype
 
 from ivl_llm.backends.base import BackendInfo, MatcherFactory, PrefillStats, TokenOut
 from ivl_llm.backends.threaded import Control, Emit, Report, ThreadedGeneration
@@ -31,14 +31,10 @@ from ivl_llm.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def embedding_to_torch(embedding: ImageEmbedding) -> torch.Tensor:
-    array = np.array(embedding.array, copy=True, order="C")  # wire buffers are read-only
-    if embedding.dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+    """A torch view of the embedding's (read-only) wire bytes, no copy: it is only read, once, when its rows are
+    written into the prompt's input embeddings (the one conversion of this hop)."""
+    return to_torch(embedding.array, embedding.dtype)
 
 
 def reuse_blocker(model: Any) -> str | None:
@@ -65,7 +61,7 @@ class TransformersBackend:
         prefix_cache_bytes: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
-        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.torch_dtype = torch_dtype(dtype, "IVL_LLM_DTYPE")
         self.device = device
         self.torch_threads = torch_threads
         self.info = BackendInfo(name="transformers", dtype=dtype, device=device)

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ivl_proto.dtypes import to_torch
 from ivl_proto.errors import ErrorCode, ServingError
 
 from ivl_llm.backends.base import BackendInfo, MatcherFactory, PrefillStats, TokenOut
@@ -77,9 +78,7 @@ def load_lmdeploy_api() -> LMDeployAPI:
 
 def embedding_for_engine(embedding: ImageEmbedding) -> Any:
     """A torch tensor in the dtype it came in (TurboMind casts it to its weight type)."""
-    from ivl_llm.backends.hf import embedding_to_torch
-
-    return embedding_to_torch(embedding)
+    return to_torch(embedding.array, embedding.dtype)
 
 
 def stream_arguments(instance: Any) -> dict[str, Any]:

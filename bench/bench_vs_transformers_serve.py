@@ -1,0 +1,276 @@
+"""This stack vs `transformers serve` (the one-process peer), side by side in one run, same checkpoint, same requests.
+
+Both serve the same native-layout tiny checkpoint (ivl_tiny, which ships the AutoProcessor files) over the
+OpenAI chat API, streaming, greedy, 8 new tokens, 1280x720 PNG images (max_tiles 12: 4x2 grid + thumbnail =
+9 tiles on both sides: GotOcr2 crop_to_patches = InternVL's tiling):
+- ours: redis-server + `python -m ivl_vision` + `python -m ivl_llm` + `python -m ivl_gateway`, one process each,
+  1 torch thread per model service (the 2 cores split between them), the LLM with 4 slots;
+- theirs: `transformers serve <checkpoint> --continuous-batching --device cpu` from the benchmark-only venv
+  (scripts/setup_bench_venv.sh: torch 2.14.1 + torchvision 0.29.1, which .venv's CPU torch cannot have), torch's
+  default threads. transformers 5.23 falls back to sequential generation for image-text models even with
+  --continuous-batching (its log says so); that is what a user of it gets.
+Measured, alternating between the two servers: TTFT of a new image (median), TTFT of the same image again
+(median), a 5-turn chat about one image (total and per turn), and 8 and 32 concurrent clients (half new, half
+one of 4 repeated images): answered requests/s and TTFT p50. Before anything, the bench venv's AutoProcessor
+loads the checkpoint and its pixels are checked equal to our tiling.
+
+    bash scripts/setup_bench_venv.sh && .venv/bin/python bench/bench_vs_transformers_serve.py
+    .venv/bin/python bench/bench_vs_transformers_serve.py --quick --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from benchlib import (
+    add_paths,
+    command_line,
+    load_average,
+    machine_line,
+    markdown_table,
+    publish,
+    utc_now,
+    versions,
+)
+
+add_paths("tests")
+from support.load_client import ChatOutcome, data_url, run_clients, stream_chat, unique_png  # noqa: E402
+from support.redis_server import free_port  # noqa: E402
+from support.service_processes import ProcessBackend  # noqa: E402
+
+HEADING = "## Versus `transformers serve`: same checkpoint, same requests (bench/bench_vs_transformers_serve.py)"
+ROOT = Path(__file__).resolve().parent.parent
+WIDTH, HEIGHT = 1280, 720
+QUESTIONS = ("What is in this picture?", "What colours do you see?", "Is there any text?", "Describe the top left.",
+             "Summarise in one word.")
+
+AUTOPROCESSOR_CHECK = r"""
+import io, sys, json
+import numpy as np
+from PIL import Image
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+rng = np.random.default_rng(0)
+buffer = io.BytesIO()
+Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)).save(buffer, "PNG")
+out = processor(images=[Image.open(buffer)], text=["<IMG_CONTEXT>\nhi"], return_tensors="np")
+np.save(sys.argv[2], out["pixel_values"])
+print(json.dumps({"class": type(processor).__name__, "image_processor": type(processor.image_processor).__name__,
+                  "tokens": int(out["input_ids"].shape[1])}))
+"""
+
+
+def body(messages: list[dict], model: str, max_tokens: int) -> dict:
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def user(text: str, image: bytes | None = None) -> dict:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+class Server:
+    def __init__(self, name: str, url: str, model: str) -> None:
+        self.name, self.url, self.model = name, url, model
+
+    async def chat(self, messages: list[dict], max_tokens: int) -> ChatOutcome:
+        async with httpx.AsyncClient(timeout=600) as client:
+            outcome = await stream_chat(client, self.url, body(messages, self.model, max_tokens))
+        if not outcome.ok:
+            raise RuntimeError(f"{self.name}: {outcome.status} {outcome.error_code} {outcome.error_message}")
+        return outcome
+
+
+@contextlib.contextmanager
+def transformers_serve(model: Path, venv: Path):
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="tf-serve-", suffix=".log")[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "transformers"), "serve", str(model), "--continuous-batching", "--device", "cpu",
+             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("transformers serve did not answer /v1/models within 300 s")
+        yield Server("transformers serve", f"http://127.0.0.1:{port}", str(model)), process, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def check_autoprocessor(model: Path, venv: Path, tmp: Path) -> str:
+    """The bench venv's AutoProcessor loads the checkpoint; its pixel_values equal our tiling."""
+    import io
+
+    import numpy as np
+    from ivl_vision.image_io import ImageLimits
+    from ivl_vision.preprocess import preprocess_trusted
+    from ivl_vision.tiling import TilingConfig
+    from PIL import Image
+
+    out = tmp / "pixels.npy"
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", AUTOPROCESSOR_CHECK, str(model), str(out)],
+                            check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)).save(buffer, "PNG")
+    ours = preprocess_trusted(buffer.getvalue(), TilingConfig(max_tiles=12), ImageLimits()).pixels
+    theirs = np.load(out)
+    diff = float(np.abs(theirs - ours).max()) if theirs.shape == ours.shape else float("nan")
+    return f"{result}; pixel_values {theirs.shape} vs ours {ours.shape}, max |diff| {diff:.3g}"
+
+
+async def new_and_repeated(servers: list[Server], rounds: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {s.name: {"new": [], "repeated": []} for s in servers}
+    for i in range(rounds):
+        image = unique_png(900_000 + i, WIDTH, HEIGHT)
+        for server in servers:
+            out[server.name]["new"].append((await server.chat([user(QUESTIONS[0], image)], max_tokens)).ttft_s or 0)
+        for server in servers:
+            out[server.name]["repeated"].append((await server.chat([user(QUESTIONS[1], image)], max_tokens)).ttft_s or 0)
+    return out
+
+
+async def five_turns(server: Server, seed: int, max_tokens: int) -> list[float]:
+    image = unique_png(seed, WIDTH, HEIGHT)
+    messages: list[dict] = []
+    times = []
+    for turn, question in enumerate(QUESTIONS):
+        messages.append(user(question, image if turn == 0 else None))
+        outcome = await server.chat(messages, max_tokens)
+        times.append(outcome.total_s)
+        messages.append({"role": "assistant", "content": outcome.text})
+    return times
+
+
+async def concurrent(server: Server, clients: int, per_client: int, seed: int, max_tokens: int,
+                     repeated: list[bytes]) -> tuple[float, float, int]:
+    total = clients * per_client
+
+    def make(i: int) -> dict:
+        image = unique_png(seed + i, WIDTH, HEIGHT) if i % 2 == 0 else repeated[i % len(repeated)]
+        return body([user(f"Question {i}: what is in it?", image)], server.model, max_tokens)
+
+    started = time.perf_counter()
+    outcomes = await run_clients(server.url, clients, total, make, timeout_s=900)
+    seconds = time.perf_counter() - started
+    ok = [o for o in outcomes if o.ok]
+    errors = total - len(ok)
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    return len(ok) / seconds, statistics.median(ttfts) * 1000 if ttfts else float("nan"), errors
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--venv", type=Path, default=ROOT / ".cache" / "bench-venv")
+    parser.add_argument("--rounds", type=int, default=5, help="new/repeated image rounds")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    parser.add_argument("--per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.quick:
+        args.rounds, args.levels, args.per_client = 2, [8], 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (args.venv / "bin" / "transformers").exists():
+        print(f"no bench venv at {args.venv}: run `bash scripts/setup_bench_venv.sh` first", file=sys.stderr)
+        return 2
+    from ivl_tiny import TinySpec, write_tiny_checkpoint
+
+    started, load_start = time.perf_counter(), load_average()
+    with tempfile.TemporaryDirectory(prefix="ivl-vs-tf-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = write_tiny_checkpoint(tmp / "ivl-tiny-native", TinySpec(), layout="native")
+        processor_check = check_autoprocessor(model, args.venv, tmp)
+        print(processor_check, flush=True)
+        backend = ProcessBackend(model, llm={"max_concurrency": 4, "max_queue": 256},
+                                 vision={"max_queued_tiles": 4096})
+        backend.start()
+        try:
+            with transformers_serve(model, args.venv) as (theirs, _process, log):
+                ours = Server("ours", backend.gateway.http_url, "internvl")
+                servers = [ours, theirs]
+                for server in servers:  # warm-up: first requests load lazily built state
+                    for i in range(2):
+                        asyncio.run(server.chat([user("hi", unique_png(800_000 + i, WIDTH, HEIGHT))], args.max_tokens))
+                single = asyncio.run(new_and_repeated(servers, args.rounds, args.max_tokens))
+                chats = {s.name: asyncio.run(five_turns(s, 700_000 + k, args.max_tokens)) for k, s in enumerate(servers)}
+                repeated = [unique_png(600_000 + i, WIDTH, HEIGHT) for i in range(4)]
+                levels = {}
+                for level in args.levels:
+                    for k, server in enumerate(servers):
+                        levels[(server.name, level)] = asyncio.run(
+                            concurrent(server, level, args.per_client, 100_000 * (level + k), args.max_tokens, repeated))
+                        print(server.name, level, levels[(server.name, level)], flush=True)
+                fallback = "Falling back to sequential generation" in log.read_text(errors="replace")
+        finally:
+            backend.stop()
+    publish(report(single, chats, levels, args, processor_check, fallback, time.perf_counter() - started, load_start),
+            append=not args.no_append)
+    return 0
+
+
+def report(single, chats, levels, args, processor_check, fallback, elapsed, load_start) -> str:
+    med = {name: {k: statistics.median(v) * 1000 for k, v in d.items()} for name, d in single.items()}
+    t = "transformers serve"
+    rows = [
+        ("TTFT, new image (median ms)", f"{med['ours']['new']:.0f}", f"{med[t]['new']:.0f}",
+         f"{med[t]['new'] / med['ours']['new']:.2f}x", "no slower (>= 1.0x)"),
+        ("TTFT, same image again (median ms)", f"{med['ours']['repeated']:.0f}", f"{med[t]['repeated']:.0f}",
+         f"{med[t]['repeated'] / med['ours']['repeated']:.2f}x", "ahead (> 1.0x)"),
+        ("5-turn chat, total s", f"{sum(chats['ours']):.2f}", f"{sum(chats[t]):.2f}",
+         f"{sum(chats[t]) / sum(chats['ours']):.2f}x", "ahead (> 1.0x)"),
+    ]
+    for level in args.levels:
+        (ours_rps, ours_p50, ours_err), (their_rps, their_p50, their_err) = levels[("ours", level)], levels[(t, level)]
+        rows.append((f"{level} clients, answered req/s (TTFT p50 ms; errors)", f"{ours_rps:.2f} ({ours_p50:.0f}; {ours_err})",
+                     f"{their_rps:.2f} ({their_p50:.0f}; {their_err})", f"{ours_rps / their_rps:.2f}x",
+                     ">= 1.2x at 8 clients" if level == 8 else "ahead (> 1.0x)"))
+    lines = [
+        "", HEADING, "",
+        f"- {utc_now()}; {machine_line(load_start)}; {versions('torch', 'transformers', 'grpc')} (ours); transformers "
+        "serve in the bench venv (torch 2.14.1, torchvision 0.29.1)",
+        f"- command: {command_line('bench_vs_transformers_serve.py', args.argv)} ({elapsed:.0f} s)",
+        f"- ivl_tiny default spec, native layout, fp32 CPU; {WIDTH}x{HEIGHT} PNG = 9 tiles; greedy, {args.max_tokens} new "
+        f"tokens; new/repeated: {args.rounds} rounds; concurrency: {args.per_client} requests per client, half new images",
+        f"- AutoProcessor in the bench venv: {processor_check}",
+        f"- transformers serve fell back to sequential generation (continuous batching is text-only there): {fallback}",
+        "- 5-turn chat per turn s: ours " + " / ".join(f"{x:.2f}" for x in chats["ours"]) + "; transformers serve "
+        + " / ".join(f"{x:.2f}" for x in chats[t]),
+        "",
+        *markdown_table(["measurement", "ours", "transformers serve", "ours ahead by", "goal"], rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
