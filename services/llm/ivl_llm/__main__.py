@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from ivl_proto.request_context import install_request_id_logging
+from ivl_proto.settings_errors import SettingsError, load_settings
 
 from ivl_llm.server import serve
 from ivl_llm.settings import LLMSettings
@@ -30,12 +32,16 @@ def parse_args(argv: list[str] | None = None) -> LLMSettings:
     )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return LLMSettings(**overrides)
+    return load_settings(LLMSettings, "LLM", overrides, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
     install_request_id_logging(logging.INFO)  # "[request id]" on every line
-    settings = parse_args(argv)
+    try:
+        settings = parse_args(argv)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
     if not settings.model_path:
         raise SystemExit("set --model-path or IVL_LLM_MODEL_PATH to a checkpoint folder")
     asyncio.run(serve(settings))

@@ -34,7 +34,7 @@ from ivl_proto.vision.v1 import vision_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_vision.batching import TileBatcher
-from ivl_vision.encoder import load_vision_encoder
+from ivl_vision.checkpoint import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import Preprocessor, SandboxLimits
 from ivl_vision.service import TORCH_DTYPES, VisionService, make_encode_fn

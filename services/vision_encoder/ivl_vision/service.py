@@ -24,6 +24,7 @@ import torch
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.image_budget import ImageBudget, check_images
 from ivl_proto.image_budget import PlannedImage as BudgetedImage
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from ivl_proto.worker_pool import PoolStats
 from opentelemetry import trace
 
@@ -31,7 +32,7 @@ from ivl_vision.admission import BudgetStats, PixelBudget
 from ivl_vision.batching import BatcherStats, EncodeFn, TileBatcher
 from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
-from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
