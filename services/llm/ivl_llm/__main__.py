@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from ivl_proto.errors import ServingError
 from ivl_proto.request_context import install_request_id_logging
 from ivl_proto.settings_errors import SettingsError, load_settings
 
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     if not settings.model_path:
         raise SystemExit("set --model-path or IVL_LLM_MODEL_PATH to a checkpoint folder")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (ServingError, RuntimeError, OSError) as error:
+        logging.getLogger("ivl_llm").error("LLM service failed: %s", error)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
