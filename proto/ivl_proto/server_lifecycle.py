@@ -81,7 +81,7 @@ class ServerLifecycle:
         except BaseException:
             await self.grpc_server.stop(0)
             raise
-        self.loading = asyncio.get_running_loop().create_task(self._load_then_serve(), name=f"ivl-{self.name}-load")
+        self.loading = asyncio.get_running_loop().create_task(self._load_then_serve(), name=f"ivl-{self.name.replace(' ', '-')}-load")
         return port
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
