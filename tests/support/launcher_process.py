@@ -128,7 +128,7 @@ class LauncherProcess:
         if image is not None:
             url = "data:image/png;base64," + base64.b64encode(image).decode()
             content.insert(0, {"type": "image_url", "image_url": {"url": url}})
-        body = {"model": "any", "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
+        body = {"max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
         return httpx.post(f"{self.http_url}/v1/chat/completions", json=body, timeout=timeout_s)
 
     def signal(self, sig: signal.Signals) -> None:
