@@ -125,8 +125,8 @@ async def gateway_side(address: str, args: argparse.Namespace) -> dict:
 
 
 def allinone_side(model_path: Path, image_bytes: bytes, args: argparse.Namespace) -> dict:
-    from ivl_llm.prompt import expand_placeholders
     from ivl_llm.templates import ChatMessage, build_prompt, get_template
+    from ivl_proto.image_placeholder import expand_placeholders
     from ivl_vision.image_io import ImageLimits, decode_image
     from ivl_vision.tiling import TilingConfig, plan_tiles, tile_pixels
     from transformers import AutoTokenizer, InternVLForConditionalGeneration

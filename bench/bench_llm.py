@@ -77,6 +77,7 @@ class ServerThread:
     async def _start(self, settings: LLMSettings) -> LLMServer:
         server = build_server(settings)
         await server.start()
+        await server.wait_ready()
         return server
 
     def close(self) -> None:

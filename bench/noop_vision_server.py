@@ -20,7 +20,19 @@ from ivl_proto.grpc_runtime import wait_for_stop_signal
 from ivl_vision.checkpoint_config import read_config
 from ivl_vision.model_info import VisionModelInfo
 from ivl_vision.server import build_server
-from ivl_vision.settings import load_settings
+from ivl_vision.settings import VisionSettings
+
+
+def load_settings() -> Any:
+    """IVL_VISION_* settings, whichever checkout this runs against (the shared loader came with ivl_proto's
+    service shape; before it, ivl_vision.settings had its own)."""
+    try:
+        from ivl_proto.settings_errors import load_settings as shared
+    except ImportError:
+        from ivl_vision.settings import load_settings as own
+
+        return own()
+    return shared(VisionSettings, "vision encoder")
 
 
 class NoopEncoder:

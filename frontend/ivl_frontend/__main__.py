@@ -8,7 +8,7 @@ import signal
 import sys
 from types import FrameType
 
-from pydantic import ValidationError
+from ivl_proto.settings_errors import SettingsError, load_settings
 
 from ivl_frontend.app import build_demo
 from ivl_frontend.chat_handler import ChatHandler
@@ -19,7 +19,7 @@ from ivl_frontend.settings import FrontendSettings
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ivl_frontend", description=__doc__)
-    parser.add_argument("--gateway", dest="gateway_address", help="gateway gRPC host:port (default 127.0.0.1:50050)")
+    parser.add_argument("--gateway", "--gateway-address", dest="gateway_address", help="gateway gRPC host:port (default 127.0.0.1:50050)")
     parser.add_argument("--host", help="address to serve the page on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, help="port of the page (default 7860)")
     parser.add_argument("--share", action="store_true", default=None, help="also create a public gradio.live link")
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     disable_telemetry()
     args = parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = FrontendSettings(**{k: v for k, v in vars(args).items() if v is not None})
-    except ValidationError as error:
-        for item in error.errors():
-            print(f"invalid IVL_FRONTEND_{'_'.join(map(str, item['loc'])).upper()}: {item['msg']}", file=sys.stderr)
+        settings = load_settings(FrontendSettings, "UI", overrides, **overrides)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
         return 2
     client = GatewayClient(settings)
     handler = ChatHandler(settings, client)

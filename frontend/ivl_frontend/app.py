@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gradio as gr
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 
 from ivl_frontend.chat_handler import NO_IMAGES_YET, ChatHandler
 from ivl_frontend.chat_interface import SettlingChatInterface
 from ivl_frontend.gateway_client import GatewayClient
-from ivl_frontend.settings import MAX_TILES_LIMIT, FrontendSettings
+from ivl_frontend.settings import FrontendSettings
 
 CSS = """
 #ivl-banner { border-left: 4px solid #f97316; padding: 0 12px; }

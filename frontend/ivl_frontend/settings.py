@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-MAX_TILES_LIMIT = 40
 
 
 class FrontendSettings(BaseSettings):

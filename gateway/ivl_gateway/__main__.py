@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ivl_proto.request_context import install_request_id_logging
-from pydantic import ValidationError
+from ivl_proto.settings_errors import SettingsError, load_settings
 
 from ivl_gateway.server import serve
 from ivl_gateway.settings import GatewaySettings
@@ -16,9 +16,9 @@ from ivl_gateway.settings import GatewaySettings
 def main() -> None:
     install_request_id_logging(logging.INFO)  # "[request id]" on every line
     try:
-        settings = GatewaySettings()
-    except ValidationError as error:
-        print(f"invalid gateway settings (IVL_GATEWAY_*):\n{error}", file=sys.stderr)
+        settings = load_settings(GatewaySettings, "gateway")
+    except SettingsError as error:
+        print(error, file=sys.stderr)
         raise SystemExit(2) from None
     asyncio.run(serve(settings))
 

@@ -18,6 +18,7 @@ from ivl_proto.gateway.v1 import gateway_pb2
 from ivl_proto.llm.v1 import llm_pb2
 from ivl_proto.request_context import request_id_client_interceptors
 from ivl_proto.tensor_wire import WireTensor
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from ivl_proto.tracing import client_interceptors, tracer_of
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -35,7 +36,7 @@ from ivl_gateway.embedding_codec import TilingChoice
 from ivl_gateway.image_embeddings import EmbeddingResolver
 from ivl_gateway.llm_client import LLMClient, generate_request_bytes
 from ivl_gateway.metrics import GatewayMetrics
-from ivl_gateway.settings import MAX_TILES_LIMIT, GatewaySettings
+from ivl_gateway.settings import GatewaySettings
 from ivl_gateway.vision_client import VisionClient
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError, invalid
+from ivl_proto.image_placeholder import IMAGE_PLACEHOLDER, placeholder_line
 from ivl_proto.llm.v1 import llm_pb2
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT, check_tile_counts, tiles_per_image
 
 from ivl_gateway.embedding_codec import TilingChoice
-from ivl_gateway.settings import MAX_TILES_LIMIT
 
-PLACEHOLDER = "<image>"
 _SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not encodable as UTF-8
 ROLE_NAMES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -105,9 +105,9 @@ def collect_images(turn: ChatTurn, limits: TurnLimits) -> list[ChatImage]:
                         f"message {m_index} contains a lone surrogate (U+{ord(found.group()):04X}); "
                         "text must be valid Unicode"
                     )
-                if PLACEHOLDER in part:
+                if IMAGE_PLACEHOLDER in part:
                     raise invalid(
-                        f"message {m_index}: text contains the reserved placeholder {PLACEHOLDER!r}; "
+                        f"message {m_index}: text contains the reserved placeholder {IMAGE_PLACEHOLDER!r}; "
                         "send images as image parts instead"
                     )
                 chars += len(part)
@@ -128,7 +128,7 @@ def llm_messages(turn: ChatTurn, total_images: int) -> list[llm_pb2.Message]:
         for part in message.parts:
             if isinstance(part, bytes | ImagePart):
                 counter += 1
-                prefix.append(f"{PLACEHOLDER}\n" if total_images == 1 else f"Image-{counter}: {PLACEHOLDER}\n")
+                prefix.append(placeholder_line(counter, total_images))
             else:
                 texts.append(part)
         result.append(llm_pb2.Message(role=message.role, content="".join(prefix) + "".join(texts)))
@@ -153,14 +153,8 @@ def _byte_size(size: int) -> str:
 
 def check_tiling_options(options: common_pb2.TilingOptions, max_tiles_limit: int = MAX_TILES_LIMIT) -> None:
     """The request's tiling options in range, whether or not it has images."""
-    max_tiles = options.max_tiles if options.HasField("max_tiles") else None
-    if max_tiles is not None and not 1 <= max_tiles <= max_tiles_limit:
-        raise invalid(f"max_tiles is {max_tiles}; it must be between 1 and {max_tiles_limit}")
-    if options.HasField("min_tiles"):
-        upper = max_tiles if max_tiles is not None else max_tiles_limit
-        if not 1 <= options.min_tiles <= upper:
-            bound = f"max_tiles ({max_tiles})" if max_tiles is not None else str(max_tiles_limit)
-            raise invalid(f"min_tiles is {options.min_tiles}; it must be between 1 and {bound}")
+    check_tile_counts(options.max_tiles if options.HasField("max_tiles") else None,
+                      options.min_tiles if options.HasField("min_tiles") else None, max_tiles_limit)
 
 
 def resolve_tiling(
@@ -170,18 +164,16 @@ def resolve_tiling(
 ) -> TilingChoice:
     """The request's options over the defaults, validated (max_tiles 1..limit, 1 <= min <= max)."""
     max_tiles = requested.max_tiles if requested.HasField("max_tiles") else defaults.max_tiles
-    if not 1 <= max_tiles <= max_tiles_limit:
-        raise invalid(f"max_tiles is {max_tiles}; it must be between 1 and {max_tiles_limit}")
+    check_tile_counts(max_tiles, None, max_tiles_limit)
     min_tiles = requested.min_tiles if requested.HasField("min_tiles") else min(defaults.min_tiles, max_tiles)
-    if not 1 <= min_tiles <= max_tiles:
-        raise invalid(f"min_tiles is {min_tiles}; it must be between 1 and max_tiles ({max_tiles})")
+    check_tile_counts(max_tiles, min_tiles, max_tiles_limit)
     thumb = requested.use_thumbnail if requested.HasField("use_thumbnail") else defaults.use_thumbnail
     return TilingChoice(max_tiles, min_tiles, thumb)
 
 
 def budget(tiling: TilingChoice, images_in_message: int) -> TilingChoice:
     """The reference demo's split of the tile budget over the images of one message."""
-    per_image = max(1, tiling.max_tiles // max(1, images_in_message))
+    per_image = tiles_per_image(tiling.max_tiles, images_in_message)
     return TilingChoice(per_image, min(tiling.min_tiles, per_image), tiling.use_thumbnail)
 
 

@@ -16,9 +16,8 @@ import re
 from typing import Any, Literal
 
 from ivl_proto.errors import invalid
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from ivl_gateway.settings import MAX_TILES_LIMIT
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1

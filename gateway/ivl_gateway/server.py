@@ -1,4 +1,6 @@
-"""The gateway process: gRPC (grpc.aio) and HTTP (uvicorn) in one asyncio loop, with a graceful stop.
+"""The gateway process: gRPC (grpc.aio) and HTTP (uvicorn) in one asyncio loop, on the shared lifecycle
+(ivl_proto.server_lifecycle: bind, start, health, drain, stop): `_after_start` starts the replica clients and
+the HTTP listener; `drain` stops HTTP and gRPC together; `_release` closes the clients and the cache.
 
 Both listeners are public edges (docs/gateway.md "Public deployment checklist"): uvicorn runs with
 http_guard's protocol (header/body deadlines, minimum body rate, connection cap, keep-alive limits) and
@@ -16,14 +18,8 @@ from dataclasses import dataclass
 
 import uvicorn
 from ivl_proto import tracing
-from ivl_proto.grpc_runtime import (
-    add_health_and_reflection,
-    bind,
-    graceful_stop,
-    new_aio_server,
-    set_serving,
-    wait_for_stop_signal,
-)
+from ivl_proto.grpc_runtime import add_health_and_reflection, new_aio_server
+from ivl_proto.server_lifecycle import ServerLifecycle, run_until_signal
 from opentelemetry.sdk.trace import TracerProvider
 
 from ivl_gateway.chat import ChatService
@@ -45,8 +41,8 @@ class BoundPorts:
     http: int
 
 
-class Gateway:
-    """Build with `build_gateway(settings)`; `await start()` binds both ports (0 = free ones)."""
+class Gateway(ServerLifecycle):
+    """Build with `build_gateway(settings)`; `await start()` binds both ports (0 = free ones; `.ports`)."""
 
     def __init__(self, settings: GatewaySettings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
@@ -57,25 +53,27 @@ class Gateway:
         self.app = build_app(settings, self.chat_service, self.edges)
         self.guard = ConnectionGuard(GuardLimits.from_settings(settings), self.metrics.http_connections,
                                      self.metrics.http_connections_closed, self.edges.throttle)
-        self._grpc = new_aio_server(
+        grpc_server = new_aio_server(
             settings.max_request_bytes,
             max_receive_bytes=settings.max_request_bytes,
             options=grpc_edge_options(settings),
             interceptors=[EdgeInterceptor(self.edges, SERVICE_NAME)],
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
-        add_chat_servicer(ChatServicer(self.chat_service, self.edges.keys), self._grpc)
-        self._health = add_health_and_reflection(
-            self._grpc, [SERVICE_NAME], reflection_enabled=settings.reflection_access != "off")
+        add_chat_servicer(ChatServicer(self.chat_service, self.edges.keys), grpc_server)
+        health = add_health_and_reflection(
+            grpc_server, [SERVICE_NAME], reflection_enabled=settings.reflection_access != "off")
+        super().__init__("gateway", grpc_server, health, [SERVICE_NAME], settings.grpc_host, settings.grpc_port,
+                         settings.grace_s)
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
 
-    async def start(self) -> BoundPorts:
+    async def _after_start(self) -> None:
+        """The replica clients, then the HTTP listener; health turns SERVING right after (nothing to load)."""
         await self.chat_service.start()
-        grpc_port = bind(self._grpc, self.settings.grpc_host, self.settings.grpc_port)
-        await self._grpc.start()
-        await set_serving(self._health, [SERVICE_NAME], True)
+        assert self.port is not None
+        grpc_port = self.port
         sock = socket.socket(socket.AF_INET6 if ":" in self.settings.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.settings.http_host, self.settings.http_port))
@@ -90,7 +88,6 @@ class Gateway:
         self.ports = BoundPorts(grpc_port, http_port)
         log.info("gateway serving gRPC on %s:%d and HTTP on %s:%d", self.settings.grpc_host, grpc_port,
                  self.settings.http_host, http_port)
-        return self.ports
 
     def _uvicorn_config(self) -> uvicorn.Config:
         """uvicorn's own limits where it has them; the rest is http_guard's protocol (passed as `http`)."""
@@ -115,13 +112,19 @@ class Gateway:
             uvicorn_errors.addFilter(ThrottleFilter(self.edges.throttle))
         return config
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        grace = self.settings.grace_s if grace_s is None else grace_s
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, then HTTP (uvicorn's own graceful shutdown) and gRPC drain side by side."""
+        grace = self.grace_s if grace_s is None else grace_s
+        await asyncio.gather(self._drain_http(grace), super().drain(grace))
+
+    async def _drain_http(self, grace_s: float) -> None:
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._http_task, timeout=grace + 3)
-        await graceful_stop(self._grpc, self._health, grace, self.chat_service.close)
+                await asyncio.wait_for(self._http_task, timeout=grace_s + 3)
+
+    async def _release(self) -> None:
+        await self.chat_service.close()
         tracing.shutdown(self.tracer_provider)
 
 
@@ -142,9 +145,5 @@ def build_gateway(settings: GatewaySettings, tracer_provider: TracerProvider | N
 
 
 async def serve(settings: GatewaySettings) -> None:
-    gateway = build_gateway(settings)
-    await gateway.start()
-    try:
-        await wait_for_stop_signal()
-    finally:
-        await gateway.stop()
+    """Run until SIGTERM/SIGINT."""
+    await run_until_signal(build_gateway(settings))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ivl_gateway.replica_targets import parse_target
 
-MAX_TILES_LIMIT = 40
 # Who may read /metrics, /docs + /openapi.json, and gRPC server reflection: everyone, API-key holders, nobody.
 Exposure = Literal["open", "api_key", "off"]
 

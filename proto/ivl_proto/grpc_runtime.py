@@ -1,4 +1,5 @@
-"""Shared gRPC plumbing: channel/server options, error mapping, health, reflection, shutdown."""
+"""Shared gRPC plumbing: channel/server options, error mapping, health, reflection, binding, stop signals
+(the server lifecycle itself is ivl_proto.server_lifecycle)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -140,17 +141,3 @@ async def wait_for_stop_signal() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-
-async def graceful_stop(
-    server: grpc.aio.Server,
-    health_servicer: health.aio.HealthServicer | None,
-    grace_s: float,
-    on_stopped: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Report NOT_SERVING, let in-flight calls finish for grace_s, then stop."""
-    if health_servicer is not None:
-        await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
-    if on_stopped is not None:
-        await on_stopped()
-    log.info("server stopped")

@@ -211,4 +211,4 @@ def test_python_m_ivl_gateway_serves_and_stops_on_sigterm(stack):
 def test_bad_settings_exit_with_a_clear_message():
     env = {**os.environ, "IVL_GATEWAY_HTTP_PORT": "not-a-port"}
     result = subprocess.run([sys.executable, "-m", "ivl_gateway"], env=env, capture_output=True, timeout=60)
-    assert result.returncode == 2 and b"http_port" in result.stderr
+    assert result.returncode == 2 and b"IVL_GATEWAY_HTTP_PORT=not-a-port: not an integer" in result.stderr

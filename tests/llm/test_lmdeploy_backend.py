@@ -20,13 +20,14 @@ import pytest
 import torch
 from ivl_llm.backends.lmdeploy_backend import LMDeployAPI, LMDeployBackend, load_lmdeploy_api
 from ivl_llm.checkpoint import load_tokenizer, read_checkpoint
-from ivl_llm.prompt import IMG_CONTEXT_TOKEN, ImageEmbedding
+from ivl_llm.prompt import ImageEmbedding
 from ivl_llm.sampling import Sampling
 from ivl_llm.service import Finished, LLMService
 from ivl_llm.templates import ChatMessage
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.grpc_runtime import message_size_options
+from ivl_proto.image_placeholder import IMG_CONTEXT_TOKEN
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.tensor_codec import tensor_to_pb
 from support.llm_server import running_llm_server, server_settings

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ivl_llm.prompt import IMG_CONTEXT_TOKEN, ImageEmbedding, PromptBuilder, context_runs, expand_placeholders
+from ivl_llm.prompt import ImageEmbedding, PromptBuilder, context_runs
 from ivl_llm.templates import ChatMessage, build_prompt, get_template
 from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.image_placeholder import IMG_CONTEXT_TOKEN, expand_placeholders
 
 HIDDEN = 64
 

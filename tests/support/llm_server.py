@@ -53,7 +53,7 @@ async def running_llm_server(
 ) -> AsyncIterator[tuple[str, LLMServer]]:
     """Async context manager: a started server in the running loop; stopped (grace 0) on exit."""
     server = build_server(server_settings(model_path, **overrides), service)
-    await server.start(wait=False)
+    await server.start()
     try:
         if wait_ready:
             await server.wait_ready(ready_timeout_s)

@@ -122,6 +122,7 @@ class Stack:
 
         self.gateway = build_gateway(self.gateway_settings(), self._tracers.get("gateway"))
         await self.gateway.start()
+        await self.gateway.wait_ready(READY_TIMEOUT_S)
 
     def gateway_settings(self, **overrides: Any) -> Any:
         """GatewaySettings pointing at this stack's services (as the stack's own gateway), with overrides."""
@@ -149,6 +150,7 @@ class Stack:
         async def build_and_start() -> Any:  # grpc.aio objects belong to the loop they are made in
             gateway = build_gateway(settings)
             await gateway.start()
+            await gateway.wait_ready(READY_TIMEOUT_S)
             return gateway
 
         gateway = self.run(build_and_start())
@@ -177,6 +179,7 @@ class Stack:
         fields.update(self._llm_overrides)
         server = build_server(LLMSettings(**fields), tracer_provider=self._tracers.get("llm"))
         await server.start()
+        await server.wait_ready(READY_TIMEOUT_S)
         self.llm_servers[index] = server
 
     async def _stop_vision(self, index: int) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_vision.batching import TileBatcher
-from ivl_vision.encoder import load_vision_encoder
+from ivl_vision.checkpoint import load_vision_encoder
 from ivl_vision.service import make_encode_fn
 
 SIZE = 448

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from ivl_proto.errors import ErrorCode, ServingError
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from ivl_vision.tiling import (
-    MAX_TILES_LIMIT,
     TilingConfig,
     candidate_grids,
     plan_tiles,

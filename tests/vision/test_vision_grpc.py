@@ -13,7 +13,7 @@ from ivl_proto.common.v1 import common_pb2
 from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.tensor_codec import tensor_from_pb
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
-from ivl_vision.encoder import load_vision_encoder
+from ivl_vision.checkpoint import load_vision_encoder
 from ivl_vision.image_io import ImageLimits
 from ivl_vision.preprocess import preprocess_trusted
 from ivl_vision.tiling import TilingConfig, plan_tiles

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from ivl_proto.dtypes import DTYPE_NAMES
+from ivl_proto.errors import ServingError
 from ivl_proto.request_context import install_request_id_logging
+from ivl_proto.settings_errors import SettingsError, load_settings
 
 from ivl_llm.server import serve
 from ivl_llm.settings import LLMSettings
@@ -31,15 +34,23 @@ def parse_args(argv: list[str] | None = None) -> LLMSettings:
     )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return LLMSettings(**overrides)
+    return load_settings(LLMSettings, "LLM", overrides, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
     install_request_id_logging(logging.INFO)  # "[request id]" on every line
-    settings = parse_args(argv)
+    try:
+        settings = parse_args(argv)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
     if not settings.model_path:
         raise SystemExit("set --model-path or IVL_LLM_MODEL_PATH to a checkpoint folder")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (ServingError, RuntimeError, OSError) as error:
+        logging.getLogger("ivl_llm").error("LLM service failed: %s", error)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ivl_proto.checkpoint_layout import detect_layout, read_checkpoint_config
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from safetensors import safe_open
 
@@ -105,23 +106,23 @@ def _plain_config(cfg: dict[str, Any]) -> Any:
 def read_checkpoint(path: str | Path, template: str = "", system_message: str | None = None) -> LLMCheckpoint:
     """Read config.json and decide how the language model loads; no tensors are read here."""
     folder = Path(path)
-    config = _read_json(folder / "config.json")
-    architectures = config.get("architectures") or []
-    if "llm_config" in config:
-        layout, llm_cfg = "original", dict(config["llm_config"])
+    config = read_checkpoint_config(folder)
+    layout = detect_layout(config, folder / "config.json")
+    section = "llm_config" if layout == "original" else "text_config"
+    if not isinstance(config.get(section), dict):
+        raise ServingError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"{folder / 'config.json'} is an InternVL config of the {layout} layout without its {section} "
+            "section (the language model's config)",
+        )
+    llm_cfg = dict(config[section])
+    if layout == "original":
         llm_type = llm_cfg.get("model_type") or _type_from_architectures(llm_cfg.get("architectures") or [])
         llm_cfg["model_type"] = llm_type
         default_template = config.get("template") or "internlm2-chat"
-    elif "text_config" in config:
-        layout, llm_cfg = "native", dict(config["text_config"])
+    else:
         llm_type = llm_cfg.get("model_type", "qwen2")
         default_template = config.get("template") or NATIVE_TEMPLATES.get(llm_type, "internvl2_5")
-    else:
-        raise ServingError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"{folder / 'config.json'} (architectures {architectures}) has neither llm_config nor text_config; "
-            "expected an InternVL checkpoint",
-        )
     built = _internlm2_to_llama_config(llm_cfg) if llm_type == "internlm2" else _plain_config(llm_cfg)
     template = template or default_template
     if system_message is not None:

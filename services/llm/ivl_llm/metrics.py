@@ -10,8 +10,8 @@ hits = prompt tokens whose KV was reused).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ivl_proto.metrics_runtime import (
     LATENCY_BUCKETS,
@@ -22,8 +22,16 @@ from ivl_proto.metrics_runtime import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from ivl_llm.service import LLMService, Usage
+
+class RequestUsage(Protocol):
+    """What a finished request reports (ivl_llm.service.Usage); a protocol, so metrics never imports the service."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    cached_prompt_tokens: int
+    prefill_s: float
 
 
 class LLMMetrics:
@@ -61,18 +69,19 @@ class LLMMetrics:
         self.waiting = Gauge("llm_requests_waiting", "Requests waiting for a generation slot", registry=r)
         self.prefix_bytes = Gauge("llm_prefix_cache_used_bytes", "Bytes of KV held by the prefix cache", registry=r)
 
-    def watch(self, service: LLMService) -> None:
-        """Read the gauges from the service at scrape time."""
-        self.model_name = service.checkpoint.model_id
-        self.running.set_function(lambda: service.scheduler.active)
-        self.waiting.set_function(lambda: service.scheduler.waiting)
-        self.prefix_bytes.set_function(lambda: _prefix_used(service.backend))
+    def watch(self, model_name: str, running: Callable[[], float], waiting: Callable[[], float],
+              backend: Callable[[], Any]) -> None:
+        """Read the gauges at scrape time: requests running and waiting, and the prefix cache of the current backend."""
+        self.model_name = model_name
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+        self.prefix_bytes.set_function(lambda: _prefix_used(backend()))
 
     def token(self, since_previous_s: float | None) -> None:
         if since_previous_s is not None:
             self.inter_token.observe(since_previous_s)
 
-    def request_done(self, usage: Usage, queued_s: float, reasons: Sequence[str]) -> None:
+    def request_done(self, usage: RequestUsage, queued_s: float, reasons: Sequence[str]) -> None:
         if usage.completion_tokens:
             self.ttft.observe(usage.time_to_first_token_s)
         self.e2e.observe(usage.total_s)

@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 from ivl_proto.errors import invalid
+from ivl_proto.image_placeholder import (
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    count_placeholders,
+    expand_placeholders,
+)
 
 from ivl_llm.templates import ChatMessage, Template, build_prompt
-
-IMAGE_PLACEHOLDER = "<image>"
-IMG_START_TOKEN = "<img>"
-IMG_END_TOKEN = "</img>"
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,6 @@ class PreparedPrompt:
     @property
     def prompt_tokens(self) -> int:
         return len(self.input_ids)
-
-
-def expand_placeholders(text: str, rows: Sequence[int]) -> str:
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    out = [pieces[0]]
-    for count, piece in zip(rows, pieces[1:], strict=True):
-        out += [IMG_START_TOKEN, IMG_CONTEXT_TOKEN * count, IMG_END_TOKEN, piece]
-    return "".join(out)
 
 
 def context_runs(input_ids: Sequence[int], context_id: int) -> list[tuple[int, int]]:
@@ -87,7 +81,7 @@ class PromptBuilder:
         return int(token_id)
 
     def check_embeddings(self, text: str, embeddings: Sequence[ImageEmbedding]) -> None:
-        placeholders = text.count(IMAGE_PLACEHOLDER)
+        placeholders = count_placeholders(text)
         if placeholders != len(embeddings):
             raise invalid(
                 f"the conversation holds {placeholders} '<image>' placeholder(s) but {len(embeddings)} "

@@ -126,7 +126,8 @@ class LLMService:
         self._guided: GuidedDecoder | None = None
         self._token_texts: dict[int, tuple[str, bytes]] = {}
         self.metrics = metrics or LLMMetrics()
-        self.metrics.watch(self)
+        self.metrics.watch(self.checkpoint.model_id, lambda: self.scheduler.active, lambda: self.scheduler.waiting,
+                           lambda: self.backend)
         self.tracer: trace.Tracer = trace.NoOpTracer()  # server.build_server sets the service's own
         self.ready = False
 

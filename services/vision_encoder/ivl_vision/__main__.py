@@ -14,8 +14,9 @@ from typing import Any
 
 from ivl_proto.errors import ServingError
 from ivl_proto.request_context import install_request_id_logging
+from ivl_proto.settings_errors import SettingsError, load_settings
 
-from ivl_vision.settings import SettingsError, load_settings
+from ivl_vision.settings import VisionSettings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     try:
-        settings = load_settings(**overrides)
+        settings = load_settings(VisionSettings, "vision encoder", overrides, **overrides)
         from ivl_vision.server import serve  # torch and the model code: imported once settings are valid
 
         asyncio.run(serve(settings))

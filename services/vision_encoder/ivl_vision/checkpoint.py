@@ -29,8 +29,6 @@ def load_vision_encoder(
     attn_implementation: str = "sdpa",
 ) -> VisionEncoder:
     folder = Path(model_path)
-    if not folder.is_dir():
-        raise ServingError(ErrorCode.NOT_FOUND, f"model path {folder} is not a folder")
     _check_dtype(dtype)
     config = read_config(folder)
     with torch.device("meta"):

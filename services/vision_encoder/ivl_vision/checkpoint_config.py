@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ivl_proto.checkpoint_layout import detect_layout, read_checkpoint_config
 from ivl_proto.errors import ErrorCode, ServingError
-
-ORIGINAL_ARCHITECTURES = ("InternVLChatModel",)
-NATIVE_ARCHITECTURES = ("InternVLForConditionalGeneration", "InternVLModel")
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,8 @@ def declared_dtype(folder: Path) -> str | None:
 
 def read_config(folder: Path) -> VisionCheckpointConfig:
     path = folder / "config.json"
-    if not path.is_file():
-        raise ServingError(ErrorCode.NOT_FOUND, f"{folder} has no config.json; is it an InternVL checkpoint folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ServingError(ErrorCode.FAILED_PRECONDITION, f"cannot read {path}: {error}") from error
-    architectures = raw.get("architectures") or []
-    if ("vision_config" in raw and "llm_config" in raw) or any(a in ORIGINAL_ARCHITECTURES for a in architectures):
-        config = _original(raw, path)
-    elif ("vision_config" in raw and "text_config" in raw) or any(a in NATIVE_ARCHITECTURES for a in architectures):
-        config = _native(raw, path, folder)
-    else:
-        raise ServingError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"{path} is neither an OpenGVLab InternVL config (architectures InternVLChatModel, vision_config + "
-            f"llm_config) nor a transformers-native one (InternVLForConditionalGeneration); architectures={architectures}",
-        )
+    raw = read_checkpoint_config(folder)
+    config = _original(raw, path) if detect_layout(raw, path) == "original" else _native(raw, path, folder)
     _validate(config, path)
     return config
 

@@ -6,7 +6,6 @@ only the tower layers whose output is used (select_layer) are built and loaded.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -95,12 +94,3 @@ class VisionEncoder(nn.Module):
         pixels = pixel_values.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             return self(pixels)
-
-
-def load_vision_encoder(
-    model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> VisionEncoder:
-    """Same as ivl_vision.checkpoint.load_vision_encoder (kept here for callers that import it from here)."""
-    from ivl_vision.checkpoint import load_vision_encoder as load
-
-    return load(model_path, dtype=dtype, device=device)

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from ivl_proto.errors import ServingError
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 
 from ivl_vision.image_io import ImageLimits, probe_image_size
-from ivl_vision.tiling import MAX_TILES_LIMIT, TilingConfig, plan_tiles
+from ivl_vision.tiling import TilingConfig, plan_tiles
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 

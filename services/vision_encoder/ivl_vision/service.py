@@ -25,6 +25,7 @@ from ivl_proto.dtypes import name_of_array
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.image_budget import ImageBudget, check_images
 from ivl_proto.image_budget import PlannedImage as BudgetedImage
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from ivl_proto.worker_pool import PoolStats
 from opentelemetry import trace
 
@@ -33,7 +34,7 @@ from ivl_vision.batching import BatcherStats, TileBatcher
 from ivl_vision.encode_pipeline import EncodePipeline
 from ivl_vision.preprocess import PreprocessedImage, Preprocessor
 from ivl_vision.settings import VisionSettings
-from ivl_vision.tiling import MAX_TILES_LIMIT, TilePlan, TilingConfig, plan_tiles
+from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles
 
 MAX_PLANS_PER_REQUEST = 1024
 

@@ -1,29 +1,25 @@
 """Settings of the vision encoder service (env prefix IVL_VISION_), validated at startup.
 
-Nothing is read from the environment at import time: call `load_settings()` (or construct
-`VisionSettings(...)`) where the service starts, and pass the object explicitly.
+Nothing is read from the environment at import time: call `ivl_proto.settings_errors.load_settings(VisionSettings,
+...)` (or construct `VisionSettings(...)`) where the service starts, and pass the object explicitly.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Literal
 
 from ivl_proto import dtypes
 from ivl_proto.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
-from pydantic import DirectoryPath, Field, ValidationError, model_validator
+from ivl_proto.settings_errors import SettingsError
+from ivl_proto.tiling_limits import MAX_TILES_LIMIT
+from pydantic import DirectoryPath, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from ivl_vision.tiling import MAX_TILES_LIMIT
 
 ENV_PREFIX = "IVL_VISION_"
 
 DtypeName = Literal["auto"] | dtypes.DtypeName
 DeviceName = Literal["auto", "cpu", "cuda"]
-
-
-class SettingsError(ValueError):
-    """Settings that cannot start the service; the message lists every bad field by env var."""
 
 
 class VisionSettings(BaseSettings):
@@ -160,22 +156,3 @@ class VisionSettings(BaseSettings):
             return "bfloat16" if device == "cuda" else "float32"
         return self.dtype
 
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per bad field, named by its environment variable, with pydantic's reason."""
-    lines = ["invalid vision encoder settings:"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item.get("loc", ())) or "settings"
-        env_name = f"{ENV_PREFIX}{field.upper()}" if item.get("loc") else "settings"
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
-        lines.append(f"  {env_name}: {item.get('msg', 'invalid')}{shown}")
-    return "\n".join(lines)
-
-
-def load_settings(**overrides: Any) -> VisionSettings:
-    """Read IVL_VISION_* variables (overrides win) and validate; raise SettingsError with a clear text."""
-    try:
-        return VisionSettings(**overrides)
-    except ValidationError as error:
-        raise SettingsError(describe_validation_error(error)) from error

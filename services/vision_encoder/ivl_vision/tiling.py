@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from ivl_proto.dtypes import float32_to_bfloat16_bits, numpy_dtype
 from ivl_proto.errors import invalid
+from ivl_proto.tiling_limits import check_tile_counts
 from PIL import Image
 
 from ivl_vision.banded_resize import BandPlan, column_bands, finish_columns, start_rows
 
-MAX_TILES_LIMIT = 40
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,12 +35,7 @@ class TilingConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.image_size <= 4096:
             raise invalid(f"image_size is {self.image_size}; it must be between 1 and 4096")
-        if not 1 <= self.max_tiles <= MAX_TILES_LIMIT:
-            raise invalid(f"max_tiles is {self.max_tiles}; it must be between 1 and {MAX_TILES_LIMIT}")
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            raise invalid(
-                f"min_tiles is {self.min_tiles}; it must be between 1 and max_tiles ({self.max_tiles})"
-            )
+        check_tile_counts(self.max_tiles, self.min_tiles)
 
     def with_overrides(
         self, max_tiles: int | None, min_tiles: int | None, use_thumbnail: bool | None

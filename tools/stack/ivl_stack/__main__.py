@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pydantic import ValidationError
+from ivl_proto.settings_errors import SettingsError, load_settings
 
 from ivl_stack.launcher import Launcher
 from ivl_stack.settings import StackSettings
@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = StackSettings(**overrides)
-    except ValidationError as error:
-        for item in error.errors():
-            field = ".".join(str(p) for p in item.get("loc", ())) or "settings"
-            print(f"[ivl-stack] invalid {field}: {item.get('msg')}", file=sys.stderr)
+        settings = load_settings(StackSettings, "stack launcher", overrides, **overrides)
+    except SettingsError as error:
+        print(f"[ivl-stack] {error}", file=sys.stderr)
         return 2
     return Launcher(settings, sys.stdout).run()
 
