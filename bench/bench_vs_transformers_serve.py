@@ -95,7 +95,10 @@ class Server:
 def transformers_serve(model: Path, venv: Path):
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="tf-serve-", suffix=".log")[1])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # its /v1/models scans the hub cache and answers 500 when that folder does not exist (a fresh machine)
+    hub_cache = Path(tempfile.mkdtemp(prefix="tf-serve-hub-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_CACHE": str(hub_cache)}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(venv / "bin" / "transformers"), "serve", str(model), "--continuous-batching", "--device", "cpu",
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         backend.start()
         try:
             with transformers_serve(model, args.venv) as (theirs, _process, log):
-                ours = Server("ours", backend.gateway.http_url, "internvl")
+                served = httpx.get(f"{backend.gateway.http_url}/v1/models", timeout=10).json()["data"][0]["id"]
+                ours = Server("ours", backend.gateway.http_url, served)  # any other name is a 404, as OpenAI's
                 servers = [ours, theirs]
                 for server in servers:  # warm-up: first requests load lazily built state
                     for i in range(2):

@@ -10,6 +10,7 @@ the balanced channel, so the caller gets grpc's reason (UNAVAILABLE, ...).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,7 @@ from ivl_proto.errors import from_grpc_error
 from ivl_gateway.replicas import Identity, ReplicaSet
 from ivl_gateway.settings import GatewaySettings
 
+log = logging.getLogger(__name__)
 InfoT = TypeVar("InfoT", bound=Message)
 Metadata = Sequence[tuple[str, str]]
 
@@ -93,6 +95,9 @@ class ServiceClient(Generic[InfoT]):
         agreed = self.replicas.agreed_info()
         if agreed is not None and (self.replicas.answering() or not refresh):
             return agreed
+        if not refresh:
+            log.info("no Info known from the %s replicas (%s): asking through the channel", self.name,
+                     self.replicas.describe())
         info: InfoT = await self.unary("Info", self._info_request, self._settings.info_timeout_s)
         return info
 
