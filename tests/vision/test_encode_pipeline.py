@@ -16,8 +16,8 @@ import pytest
 import torch
 from ivl_proto.dtypes import float32_to_bfloat16_bits
 from ivl_vision.batching import TileBatcher
-from ivl_vision.encode_pipeline import EncodePipeline, bucket_for, bucket_sizes
 from ivl_vision.checkpoint import load_vision_encoder
+from ivl_vision.encode_pipeline import EncodePipeline, bucket_for, bucket_sizes
 
 SIZE = 448
 
