@@ -113,7 +113,7 @@ async def test_pool_bounds_renders_per_chat_shares_them_and_gives_up_after_its_t
 async def test_sandboxed_render_of_a_decode_bomb_is_killed_at_its_timeout():
     """A bomb under the scan limit really decodes for tens of seconds: the worker is killed at the timeout,
     the event loop never waits, and the next preview is rendered by a fresh worker."""
-    bomb = progressive_jpeg_bomb(4000, 4000, 80)
+    bomb = progressive_jpeg_bomb(4000, 4000, 400)  # ~8 s of decoding on an idle core: far past 1 s anywhere
     pool = PreviewPool(workers=1, timeout_s=1.0, limits=RenderLimits(max_jpeg_scans=1000))
     try:
         ticks = 0

@@ -104,8 +104,8 @@ async def test_the_preview_shows_the_tile_budget_the_chat_then_uses(handler, tmp
 async def test_a_decode_time_bomb_never_stalls_the_event_loop(handler, tmp_path):
     bomb = tmp_path / "bomb.jpg"
     # 410 scans: under the vision service's limit (500), so the gateway plans it and the UI must protect itself;
-    # ~3-5 s of decoding when decoded
-    bomb.write_bytes(progressive_jpeg_bomb(2048, 2048, 400))
+    # ~8 s of decoding on an idle core when decoded (far past the 1 s render timeout on any machine)
+    bomb.write_bytes(progressive_jpeg_bomb(4096, 4096, 400))
     message = {"text": "", "files": [str(bomb)]}
     lags: list[float] = []
 

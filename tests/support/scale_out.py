@@ -137,8 +137,10 @@ def eight_requests_for_one_new_image(backend: Any, gateways: list[Any], *, freez
                 where = [(g.metric("vision_cache_singleflight_waits_total"),
                           g.metric("gateway_requests_in_flight", api="http"), g.metric("gateway_http_connections"))
                          for g in gateways]
+                logs = ["\n".join(line for line in g.log_text().splitlines() if "ivl_gateway.access" not in line)[-3000:]
+                        for g in gateways]
                 raise AssertionError(f"{error}; per gateway (waiters, chats in flight, HTTP connections): "
-                                     f"{where}; answers so far: {results}") from None
+                                     f"{where}; answers so far: {results}; gateway logs: {logs}") from None
             time.sleep(0.5)  # both owners have claimed the lock (or, without it, sent their EncodeImages)
     finally:
         if freeze:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ivl_vision.banded_resize import BandPlan, banded_resize, column_bands
+from ivl_vision.banded_resize import BandPlan, bandable, banded_resize, column_bands, start_rows
 from ivl_vision.tiling import TilingConfig, plan_tiles, tile_pixels
 from PIL import Image
 from reference_tiling import reference_pixels
@@ -91,6 +91,20 @@ def test_banded_resize_property(pool, width, height, out_w, out_h, bands, pieces
                 image.resize((out_w, out_h), Image.Resampling.BICUBIC))
 
 
+@pytest.mark.parametrize(("source", "target"), [((2, 266), (1, 1)), ((3, 301), (224, 224)), ((5, 700), (224, 224)),
+                                                ((2, 600), (30, 3))])
+def test_pillows_vertical_first_sizes_take_one_call(pool, source, target):
+    """Pillow >= 10 resizes a source over 100 times taller than wide (height shrinking) vertical pass first,
+    which the bands do not follow: those sizes are not bandable and come out of one plain call."""
+    assert not bandable(source, target)
+    image = noise(*source, seed=source[1])
+    assert same(banded_resize(image, target, pool, BandPlan(row_bands=3), 2),
+                image.resize(target, Image.Resampling.BICUBIC))
+    with pytest.raises(ValueError, match="vertical pass first"):
+        start_rows(image, [target], pool, BandPlan())
+    assert bandable((3, 300), (224, 224)) and bandable((2, 300), (224, 400))  # the edges of Pillow's rule
+
+
 def test_column_bands_cover_the_width_at_tile_edges():
     assert column_bands(1792, 4, align=448) == [(0, 448), (448, 896), (896, 1344), (1344, 1792)]
     assert column_bands(1792, 2, align=448) == [(0, 896), (896, 1792)]
@@ -119,6 +133,7 @@ TILING_CASES = [
     ((997, 331), TilingConfig(min_tiles=4, max_tiles=9)),
     ((448, 448), TilingConfig(max_tiles=12)),
     ((1000, 700), TilingConfig(image_size=224, max_tiles=8)),
+    ((60, 6100), TilingConfig(max_tiles=12)),  # over 100x taller than wide: Pillow resizes vertical pass first
 ]
 
 

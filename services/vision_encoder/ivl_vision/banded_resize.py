@@ -12,6 +12,11 @@ Each output value is then the same fixed-point (8-bit modes) or double (32-bit m
 inputs with the same coefficients as in one call: equal by construction, and tests/vision/test_banded_resize.py
 checks it across sizes, ratios and modes. Both passes release the GIL, so the bands run in parallel.
 
+Pillow's `Image.resize` itself takes the other order for very tall images: when the source is more than 100
+times taller than wide and the height shrinks it runs the vertical pass first (two calls, Pillow >= 10). Those
+sizes are not `bandable()`: they take one plain call (`banded_resize`), and `tile_pixels` resizes them
+unbanded, so the pixels stay Pillow's own.
+
 Not used: `resize(box=...)` on bands of OUTPUT rows. The box is a float32 and moves the filter centres,
 which changes coefficients in their last bits and so, now and then, a pixel by one.
 
@@ -38,6 +43,12 @@ BANDED_MODES = frozenset({"L", "RGB", "I", "F"})
 # A source band cropped for the horizontal passes holds at most this many bytes (RGB is stored 4 bytes per
 # pixel): bands are many and small enough that the copies never weigh on a decode worker's address space.
 MAX_BAND_BYTES = 8 << 20
+
+
+def bandable(source: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Pillow resizes `source` (width, height) to `size` horizontal pass first, the order the bands follow
+    (not so for a source over 100 times taller than wide whose height shrinks: see the module docstring)."""
+    return not (source[1] > source[0] * 100 and size[1] < source[1])
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,10 @@ def start_rows(
     horizontal pass of all targets (the grid and the thumbnail read the same rows)."""
     if source.mode not in BANDED_MODES:
         raise ValueError(f"banded resizes need one of the modes {sorted(BANDED_MODES)}, not {source.mode}")
+    for size in sizes:
+        if not bandable(source.size, size):
+            raise ValueError(f"Pillow resizes {source.width}x{source.height} to {size[0]}x{size[1]} vertical pass "
+                             "first: resize it in one call")
     source.load()
     targets = [(i, width) for i, (width, _) in enumerate(sizes) if width != source.width]
     intermediates = [source] * len(sizes)
@@ -144,8 +159,8 @@ def column_bands(width: int, pieces: int, align: int = 1) -> list[tuple[int, int
 def banded_resize(image: Image.Image, size: tuple[int, int], executor: Executor, plan: BandPlan | None = None,
                   pieces: int = 4) -> Image.Image:
     """`image.resize(size, BICUBIC)`, computed in bands on `executor`; the same pixels (one plain call for
-    modes outside BANDED_MODES)."""
-    if image.mode not in BANDED_MODES:
+    modes outside BANDED_MODES and sizes that are not `bandable`)."""
+    if image.mode not in BANDED_MODES or not bandable(image.size, size):
         return image.resize(size, RESAMPLE)
     stage = start_rows(image, [size], executor, plan or BandPlan())
     out = Image.new(image.mode, size)

@@ -17,7 +17,7 @@ from ivl_proto.errors import invalid
 from ivl_proto.tiling_limits import check_tile_counts
 from PIL import Image
 
-from ivl_vision.banded_resize import BandPlan, column_bands, finish_columns, start_rows
+from ivl_vision.banded_resize import BandPlan, bandable, column_bands, finish_columns, start_rows
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -234,7 +234,8 @@ def tile_pixels(
         raise invalid(
             f"out must be a C-contiguous {lut.dtype} array of shape {shape}, got {out.dtype} {out.shape}"
         )
-    if executor is not None and threads > 1:
+    targets = [(plan.resize_width, plan.resize_height)] + ([(size, size)] if plan.has_thumbnail else [])
+    if executor is not None and threads > 1 and all(bandable(image.size, t) for t in targets):
         _tile_in_bands(image, plan, size, lut, out, executor, threads)
         return out
     resized = image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
