@@ -58,8 +58,18 @@ def service_config(service: str, attempts: int) -> dict[str, Any]:
     }
 
 
-def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, Any]]:
+def redial_options(settings: GatewaySettings) -> list[tuple[str, Any]]:
+    """Reconnect within REPLICA_BACKOFF_S (grpc's default backoff grows to 120 s): the balanced channel and
+    each replica's Info channel alike, so a replica that came up after the gateway is read at the next round."""
     backoff_ms = int(settings.replica_backoff_s * 1000)
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+        ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
+        ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 100)),
+    ]
+
+
+def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, Any]]:
     return [
         *message_size_options(settings.max_message_bytes),
         ("grpc.service_config", json.dumps(service_config(service, settings.replica_attempts))),
@@ -69,9 +79,7 @@ def channel_options(settings: GatewaySettings, service: str) -> list[tuple[str, 
         # request carries the images, a Generate request the embeddings). grpc's default is 256 KiB.
         ("grpc.per_rpc_retry_buffer_size", settings.max_message_bytes),
         ("grpc.retry_buffer_size", 2 * settings.max_message_bytes),
-        ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
-        ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
-        ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 100)),
+        *redial_options(settings),
         ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ]
 
@@ -121,6 +129,7 @@ class ReplicaSet(Generic[InfoT]):
         self._closing: set[asyncio.Task[None]] = set()
         self._refresh_lock = asyncio.Lock()
         self._last_verdict = ""
+        self._channel_info: InfoT | None = None  # the last Info a call through the balanced channel answered
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -179,7 +188,8 @@ class ReplicaSet(Generic[InfoT]):
         channel = self._info_channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(
-                address, options=message_size_options(self._settings.max_message_bytes),
+                address, options=[*message_size_options(self._settings.max_message_bytes),
+                                  *redial_options(self._settings)],
                 interceptors=self._interceptors)
             self._info_channels[address] = channel
         try:
@@ -213,13 +223,20 @@ class ReplicaSet(Generic[InfoT]):
 
     def agreed_info(self) -> InfoT | None:
         """The Info the replicas that answered the latest read share (when none did: the last one any of them
-        answered; a replica that is slow to answer its Info is still the same model); None when none ever
-        answered; ServingError when the answering ones disagree."""
+        answered; a replica that is slow to answer its Info is still the same model); when none ever answered,
+        the last Info a call through the balanced channel answered, else None; ServingError when the answering
+        ones disagree."""
         problem = self.mismatch()
         if problem:
             raise ServingError(ErrorCode.FAILED_PRECONDITION, problem)
         answered = [s.info for s in self.states if s.answered] or [s.info for s in self.states if s.info is not None]
-        return answered[-1] if answered else None
+        return answered[-1] if answered else self._channel_info
+
+    def remember_channel_info(self, info: InfoT) -> None:
+        """An Info a replica answered through the balanced channel (which one, grpc knows): the fallback of
+        `agreed_info()` until the replicas' own reads have answered (e.g. a replica that came up after the
+        gateway, read again at the next round)."""
+        self._channel_info = info
 
     def describe(self) -> dict[str, str]:
         """Each replica address and what it answered, for /ready."""

@@ -99,6 +99,7 @@ class ServiceClient(Generic[InfoT]):
             log.info("no Info known from the %s replicas (%s): asking through the channel", self.name,
                      self.replicas.describe())
         info: InfoT = await self.unary("Info", self._info_request, self._settings.info_timeout_s)
+        self.replicas.remember_channel_info(info)
         return info
 
     def recheck(self) -> None:

@@ -78,3 +78,23 @@ def test_a_replica_answering_with_another_fingerprint_is_not_mixed_in(stack, tin
             wait_until(lambda: "different models" in image_chat(port).json().get("error", {}).get("message", ""),
                        15, "the immediate re-check to find the mismatch")
             assert ready(port).status_code == 503
+
+
+def test_a_replica_that_starts_after_the_gateway_is_read_at_the_next_round(stack, tiny_original):
+    """The gateway starts while its vision replica refuses connections (as when a whole stack starts at once).
+    Its Info channel redials within REPLICA_BACKOFF_S, not grpc's default backoff that grows towards 120 s, so
+    the replica's own Info is read at the next round after it comes up: chats then rely on it, not on an Info
+    call through the balanced channel (which a frozen replica would answer with a 504 after INFO_TIMEOUT_S)."""
+    late_port = free_port()
+    late = f"127.0.0.1:{late_port}"
+    with stack.extra_gateway(vision_addresses=[late], dns_refresh_s=0.5, replica_backoff_s=0.2) as gateway:
+        port = gateway.ports.http
+        # Refused for 20 s: grpc's default backoff (1 s x 1.6 per failure, +-20 %) would next dial at ~27 s.
+        time.sleep(20)
+        assert "no Info" in ready(port).json()["vision"]["replicas"][late]
+        with vision_server_in_thread(tiny_original, port=late_port, warmup=False):
+            started = time.monotonic()
+            wait_until(lambda: gateway.chat_service.vision.replicas.answering(), 10, "the late replica's Info")
+            assert time.monotonic() - started < 2.5
+            assert "fingerprint=" in ready(port).json()["vision"]["replicas"][late]
+            assert image_chat(port).status_code == 200
