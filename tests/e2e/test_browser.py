@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from support.hostile_images import progressive_jpeg_bomb
 from support.redis_server import free_port
 from support.stack import running_stack
+from support.waiting import wait_until as wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -96,14 +97,6 @@ def attach(page, *files: Path) -> None:
 def ask(page, text: str) -> None:
     page.fill(f"{INPUT} textarea[data-testid='textbox']", text)
     page.click(f"{INPUT} button[data-testid='submit-button']")
-
-
-def wait_for(condition, timeout_s: float, what: str, step_s: float = 0.05) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(step_s)
-    return time.monotonic() - started
 
 
 def replies_done(page) -> int:

@@ -12,6 +12,7 @@ Restart counts and states come from the launcher's own /metrics and its ready fi
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -29,6 +30,7 @@ from ivl_stack.settings import StackSettings
 from PIL import Image
 from support.launcher_process import SERVICES, LauncherProcess, alive, clean_env, group_alive
 from support.redis_server import free_port
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -36,20 +38,14 @@ BACKOFF_S = 2.0  # first restart after 2 s, then 4 s, 8 s...
 MAX_RESTARTS = 2  # a child restarted twice within the window and dying again is given up
 _colours = iter(range(1, 10_000))
 
+wait_until = functools.partial(wait_until, step_s=0.2)
+
 
 def new_png() -> bytes:
     n = next(_colours)
     out = io.BytesIO()
     Image.new("RGB", (320, 240), ((n * 53) % 256, (n * 29) % 256, 90)).save(out, "PNG")
     return out.getvalue()
-
-
-def wait_until(condition, timeout_s: float, what: str, step_s: float = 0.2) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(step_s)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ serve normally again with the SAME gateway process (never restarted).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 
@@ -22,12 +23,15 @@ from ivl_proto.grpc_runtime import message_size_options
 from openai import OpenAI
 from support.load_client import chat_body, stream_chat, unique_png
 from support.service_processes import cpu_seconds, process_backend
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 LONG = 4000  # tokens: far more than any test waits for
 DEADLINE_S = 4.0  # the gateway's downstream deadlines in this module
 _seeds = iter(range(10_000, 20_000))
+
+wait_until = functools.partial(wait_until, step_s=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +60,6 @@ def new_image() -> bytes:
 def chat(backend, images: list[bytes] | None = None, text: str = "What is this?", **extra) -> httpx.Response:
     body = chat_body(text, images, max_tokens=4, stream=False, **extra)
     return httpx.post(f"{backend.gateway.http_url}/v1/chat/completions", json=body, timeout=60)
-
-
-def wait_until(condition, timeout_s: float, what: str, step_s: float = 0.1) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(step_s)
-    return time.monotonic() - start
 
 
 def serves_normally(backend) -> bool:

@@ -6,12 +6,16 @@ which is another fingerprint (the compute dtype is part of it)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import httpx
 from gateway_helpers import data_url, new_png
 from support.redis_server import free_port
 from support.vision_server import vision_server_in_thread
+from support.waiting import wait_until
+
+wait_until = functools.partial(wait_until, step_s=0.2)
 
 
 def image_chat(port: int) -> httpx.Response:
@@ -28,13 +32,6 @@ def text_chat(port: int) -> httpx.Response:
 
 def ready(port: int) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30)
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_vision_replicas_of_different_models_are_refused_until_they_agree(stack, tiny_original):

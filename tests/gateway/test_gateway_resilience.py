@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -21,20 +22,15 @@ from ivl_proto.common.v1 import common_pb2
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_proto.grpc_runtime import message_size_options
 from support.redis_server import free_port
+from support.waiting import wait_until
 
 LONG = 8000  # tokens: ~10 s of greedy decoding for the tiny model, far longer than the test waits
+
+wait_until = functools.partial(wait_until, step_s=0.02)
 
 
 def llm_active(stack) -> int:
     return stack.llm_servers[0].service.scheduler.active
-
-
-def wait_until(condition, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def in_flight(stack, api: str) -> float:

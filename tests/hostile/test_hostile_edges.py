@@ -11,6 +11,7 @@ the rate-limit and budget tests start a second gateway process with their own se
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from support.edge_attacks import (
 )
 from support.load_client import chat_body, unique_png
 from support.service_processes import ProcessBackend, process_backend, rss_bytes
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +61,8 @@ GATEWAY = {
     "redis_max_connections": 4,
     "redis_pool_wait_s": 0.05,
 }
+
+wait_for = functools.partial(wait_until, step_s=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +195,6 @@ def test_many_idle_connections_are_capped(backend, baseline):
     assert len(noise) < 20, "\n".join(noise[:40])
     assert gateway.metric("gateway_http_connections_closed_total", reason="evicted_idle") >= 1700
     assert_all_up(backend)
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.25)
 
 
 def health_check(address: str) -> bool:

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import httpx
 from ivl_proto.grpc_runtime import message_size_options
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
 from support.load_client import chat_body, unique_png
+from support.waiting import wait_until
 
 _seeds = itertools.count(400_000)
 
@@ -34,15 +35,6 @@ def images_seen(address: str) -> int:
     with grpc.insecure_channel(address, options=message_size_options()) as channel:
         info = vision_pb2_grpc.VisionEncoderStub(channel).Info(vision_pb2.InfoRequest(), timeout=10)
     return int(info.batching.requests)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.05) -> float:
-    """Seconds until `condition()` held; AssertionError after timeout_s."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(step_s)
-    return time.monotonic() - start
 
 
 @dataclass
