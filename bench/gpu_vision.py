@@ -142,11 +142,7 @@ def throughput(models: dict, device: str, dtype: torch.dtype, batches: tuple[int
                 lines.append(f"| {label} | {params / 1e6:.0f} M | {batch} | {reason} | | | |")
                 free_memory(device)
                 break
-            tiles_per_s = batch / seconds
-            tflops = per_tile * tiles_per_s / 1e12
-            share = f"{100 * tflops / peak:.1f} %" if peak else "n/a"
-            lines.append(f"| {label} | {params / 1e6:.0f} M | {batch} | {1000 * seconds:.2f} | {tiles_per_s:.1f} | "
-                         f"{tflops:.1f} | {share} |")
+            lines.append(throughput_row(label, params, batch, seconds, per_tile, peak))
             print(lines[-1], f"({iterations} iterations)", flush=True)
         if compile_mode != "off" and time.perf_counter() < deadline:
             lines += compiled_rows(encoder, label, params, per_tile, batches[-2:], device, dtype, min_seconds, peak,
@@ -154,6 +150,15 @@ def throughput(models: dict, device: str, dtype: torch.dtype, batches: tuple[int
         del encoder
         free_memory(device)
     return lines
+
+
+def throughput_row(label: str, params: int, batch: int, seconds: float, per_tile: float, peak: float | None) -> str:
+    """One table row: forward ms, tiles/s, TFLOP/s and its share of the dense peak."""
+    tiles_per_s = batch / seconds
+    tflops = per_tile * tiles_per_s / 1e12
+    share = f"{100 * tflops / peak:.1f} %" if peak else "n/a"
+    return (f"| {label} | {params / 1e6:.0f} M | {batch} | {1000 * seconds:.2f} | {tiles_per_s:.1f} | "
+            f"{tflops:.1f} | {share} |")
 
 
 def compiled_rows(encoder, label: str, params: int, per_tile: float, batches, device: str, dtype: torch.dtype,
@@ -172,11 +177,7 @@ def compiled_rows(encoder, label: str, params: int, per_tile: float, batches, de
             rows.append(f"| {label} (compile {mode}) | | {batch} | {'out of memory' if is_oom(error) else repr(error)[:120]} | | | |")
             free_memory(device)
             break
-        tiles_per_s = batch / seconds
-        tflops = per_tile * tiles_per_s / 1e12
-        share = f"{100 * tflops / peak:.1f} %" if peak else "n/a"
-        rows.append(f"| {label} (compile {mode}) | {params / 1e6:.0f} M | {batch} | {1000 * seconds:.2f} | "
-                    f"{tiles_per_s:.1f} | {tflops:.1f} | {share} |")
+        rows.append(throughput_row(f"{label} (compile {mode})", params, batch, seconds, per_tile, peak))
         print(rows[-1], f"({iterations} iterations)", flush=True)
     return rows
 
