@@ -96,7 +96,8 @@ def transformers_serve(model: Path, venv: Path):
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="tf-serve-", suffix=".log")[1])
     # its /v1/models scans the hub cache and answers 500 when that folder does not exist (a fresh machine)
-    hub_cache = Path(tempfile.mkdtemp(prefix="tf-serve-hub-"))
+    hub_cache = model.parent / "hf-hub"  # inside the run's temporary folder: removed with it
+    hub_cache.mkdir(exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_CACHE": str(hub_cache)}
     with log.open("wb") as out:
