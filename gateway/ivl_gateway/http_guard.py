@@ -100,6 +100,10 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._fresh) + len(self._kept) + len(self._busy)
 
+    def connections(self) -> list[GuardedH11Protocol]:
+        """Every open connection: idle ones, then busy ones."""
+        return [*self._fresh, *self._kept, *self._busy]
+
     def protocol_class(self) -> type[H11Protocol]:
         """The class to give uvicorn as `http=`: GuardedH11Protocol bound to this guard."""
         return type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"guard": self})

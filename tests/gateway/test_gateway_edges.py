@@ -154,3 +154,18 @@ def test_keep_alive_reuse_limit(stack):
         replies = [client.get(url) for _ in range(4)]
     assert [r.status_code for r in replies] == [200] * 4
     assert [r.headers.get("connection") for r in replies] == [None, None, "close", None]  # 4th: a new connection
+
+
+def test_http_connections_send_without_nagle(stack):
+    """Every accepted HTTP connection has TCP_NODELAY: with Nagle on, a kept-alive response of more than one
+    write (head + body, each SSE chunk) waited ~40 ms for the client's delayed ACK (the listening socket was
+    made with proto 0, and asyncio turns Nagle off only for sockets whose proto says TCP)."""
+    import socket
+
+    guard = stack.gateway.guard
+    with httpx.Client(timeout=10) as client:
+        replies = [client.get(f"{stack.http_url}/health") for _ in range(2)]  # the second one on the kept-alive one
+        assert [r.status_code for r in replies] == [200, 200]
+        sockets = [conn.transport.get_extra_info("socket") for conn in guard.connections()]
+        assert sockets
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets), sockets
