@@ -4,7 +4,8 @@ Both serve the same native-layout tiny checkpoint (ivl_tiny, which ships the Aut
 OpenAI chat API, streaming, greedy, 8 new tokens, 1280x720 PNG images (max_tiles 12: 4x2 grid + thumbnail =
 9 tiles on both sides: GotOcr2 crop_to_patches = InternVL's tiling):
 - ours: redis-server + `python -m ivl_vision` + `python -m ivl_llm` + `python -m ivl_gateway`, one process each,
-  1 torch thread per model service (the 2 cores split between them), the LLM with 4 slots;
+  `--threads` torch threads per model service (1: the 2 cores split between them; 2: all cores each, what
+  torch's default gives here and so how `scripts/run_stack.sh` runs them), the LLM with 4 slots;
 - theirs: `transformers serve <checkpoint> --continuous-batching --device cpu` from the benchmark-only venv
   (scripts/setup_bench_venv.sh: torch 2.14.1 + torchvision 0.29.1, which .venv's CPU torch cannot have), torch's
   default threads. transformers 5.23 falls back to sequential generation for image-text models even with
@@ -182,9 +183,12 @@ async def concurrent(server: Server, clients: int, per_client: int, seed: int, m
     outcomes = await run_clients(server.url, clients, total, make, timeout_s=900)
     seconds = time.perf_counter() - started
     ok = [o for o in outcomes if o.ok]
-    errors = total - len(ok)
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed[:3]:  # what went wrong, in the run's output
+        print(f"{server.name}, {clients} clients: request failed: HTTP {outcome.status} {outcome.error_code!r} "
+              f"{outcome.error_message[:300]!r} (final chunk: {outcome.finished})", flush=True)
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
-    return len(ok) / seconds, statistics.median(ttfts) * 1000 if ttfts else float("nan"), errors
+    return len(ok) / seconds, statistics.median(ttfts) * 1000 if ttfts else float("nan"), total - len(ok)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     parser.add_argument("--per-client", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each model service (the launcher leaves torch's default: the cores)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
@@ -216,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         model = write_tiny_checkpoint(tmp / "ivl-tiny-native", TinySpec(), layout="native")
         processor_check = check_autoprocessor(model, args.venv, tmp)
         print(processor_check, flush=True)
-        backend = ProcessBackend(model, llm={"max_concurrency": 4, "max_queue": 256},
-                                 vision={"max_queued_tiles": 4096})
+        backend = ProcessBackend(model, llm={"max_concurrency": 4, "max_queue": 256, "torch_threads": args.threads},
+                                 vision={"max_queued_tiles": 4096, "torch_threads": args.threads})
         backend.start()
         try:
             with transformers_serve(model, args.venv) as (theirs, _process, log):
@@ -265,7 +271,8 @@ def report(single, chats, levels, args, processor_check, fallback, elapsed, load
         f"- {utc_now()}; {machine_line(load_start)}; {versions('torch', 'transformers', 'grpc')} (ours); transformers "
         "serve in the bench venv (torch 2.14.1, torchvision 0.29.1)",
         f"- command: {command_line('bench_vs_transformers_serve.py', args.argv)} ({elapsed:.0f} s)",
-        f"- ivl_tiny default spec, native layout, fp32 CPU; {WIDTH}x{HEIGHT} PNG = 9 tiles; greedy, {args.max_tokens} new "
+        f"- ours: {args.threads} torch thread(s) per model service; "
+        f"ivl_tiny default spec, native layout, fp32 CPU; {WIDTH}x{HEIGHT} PNG = 9 tiles; greedy, {args.max_tokens} new "
         f"tokens; new/repeated: {args.rounds} rounds; concurrency: {args.per_client} requests per client, half new images",
         f"- AutoProcessor in the bench venv: {processor_check}",
         f"- transformers serve fell back to sequential generation (continuous batching is text-only there): {fallback}",
