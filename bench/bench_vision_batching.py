@@ -37,6 +37,7 @@ from PIL import Image
 add_paths("tests")
 from support.redis_server import free_port  # noqa: E402
 from support.service_processes import ServiceProcess  # noqa: E402
+from vision_load import encode_clients  # noqa: E402
 
 HEADING = "## Vision encoder: dynamic batching on vs off (bench/bench_vision_batching.py)"
 MIXED_SIZES = ((640, 480), (300, 900), (1024, 1024), (800, 200), (96, 96), (1280, 720))
@@ -74,23 +75,11 @@ def workloads() -> dict[str, list[vision_pb2.EncodeImagesRequest]]:
 
 async def drive(address: str, requests: list[vision_pb2.EncodeImagesRequest], clients: int, total: int) -> tuple[float, int, list[float]]:
     """`clients` loops share `total` requests; returns (seconds, tiles, latencies)."""
-    counter = iter(range(total))
-    latencies: list[float] = []
-    tiles = 0
-
-    async def client(stub: vision_pb2_grpc.VisionEncoderStub) -> None:
-        nonlocal tiles
-        for index in counter:
-            started = time.perf_counter()
-            response = await stub.EncodeImages(requests[index % len(requests)], timeout=600)
-            latencies.append(time.perf_counter() - started)
-            tiles += sum(image.plan.num_tiles for image in response.images)
-
     async with grpc.aio.insecure_channel(address, options=message_size_options()) as channel:
         stub = vision_pb2_grpc.VisionEncoderStub(channel)
         await stub.EncodeImages(requests[0], timeout=600)  # connection + first-call warm-up
         started = time.perf_counter()
-        await asyncio.gather(*(client(stub) for _ in range(clients)))
+        tiles, latencies = await encode_clients(stub, requests, clients, total)
         return time.perf_counter() - started, tiles, latencies
 
 

@@ -53,6 +53,7 @@ from PIL import Image
 add_paths("tests")
 from support.redis_server import free_port  # noqa: E402
 from support.service_processes import ServiceProcess  # noqa: E402
+from vision_load import encode_clients  # noqa: E402
 
 HEADING = "## Vision service ceiling: no-op encoder, tiles per CPU second (bench/bench_vision_ceiling.py)"
 BENCH = Path(__file__).resolve().parent
@@ -115,24 +116,12 @@ class Cell:
 
 
 async def drive(address: str, request: vision_pb2.EncodeImagesRequest, clients: int, total: int, pid: int) -> Cell:
-    counter = iter(range(total))
-    latencies: list[float] = []
-    tiles = 0
-
-    async def client(stub: vision_pb2_grpc.VisionEncoderStub) -> None:
-        nonlocal tiles
-        for _ in counter:
-            started = time.perf_counter()
-            response = await stub.EncodeImages(request, timeout=600)
-            latencies.append(time.perf_counter() - started)
-            tiles += sum(image.plan.num_tiles for image in response.images)
-
     async with grpc.aio.insecure_channel(address, options=message_size_options()) as channel:
         stub = vision_pb2_grpc.VisionEncoderStub(channel)
         for _ in range(2):
             await stub.EncodeImages(request, timeout=600)  # warm-up: connection, worker heaps
         cpu_start, started = tree_cpu_seconds(pid), time.perf_counter()
-        await asyncio.gather(*(client(stub) for _ in range(clients)))
+        tiles, latencies = await encode_clients(stub, [request], clients, total)
         wall, cpu = time.perf_counter() - started, tree_cpu_seconds(pid) - cpu_start
     return Cell(tiles / max(cpu, 1e-9), tiles / wall, cpu / wall, statistics.median(latencies) * 1000)
 
