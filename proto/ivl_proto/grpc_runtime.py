@@ -125,6 +125,13 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, status)
 
 
+def register_service(server: grpc.aio.Server, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Register hand-written method handlers of one service the way the generated add_*_to_server does (a
+    servicer that reads or writes its messages itself, e.g. views of received bytes or pre-serialized replies)."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
+
+
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Bind an insecure port (0 = pick a free one) and return the bound port."""
     bound = server.add_insecure_port(f"{host}:{port}")

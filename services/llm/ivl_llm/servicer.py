@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import invalid
-from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.grpc_runtime import map_errors, register_service
 from ivl_proto.llm.v1 import llm_pb2, llm_pb2_grpc
 from ivl_proto.tensor_codec import tensor_from_pb
 
@@ -126,8 +126,7 @@ def add_llm_servicer(servicer: LanguageModelServicer, server: grpc.aio.Server) -
             response_serializer=llm_pb2.InfoResponse.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    register_service(server, SERVICE_NAME, handlers)
 
 
 class LanguageModelServicer(llm_pb2_grpc.LanguageModelServicer):

@@ -13,7 +13,7 @@ import grpc
 from ivl_proto import tensor_wire
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
-from ivl_proto.grpc_runtime import map_errors
+from ivl_proto.grpc_runtime import map_errors, register_service
 from ivl_proto.image_budget import ImageBudget
 from ivl_proto.tensor_codec import tensor_to_wire
 from ivl_proto.vision.v1 import vision_pb2, vision_pb2_grpc
@@ -115,8 +115,7 @@ def add_vision_servicer(servicer: VisionEncoderServicer, server: grpc.aio.Server
             response_serializer=vision_pb2.InfoResponse.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    register_service(server, SERVICE_NAME, handlers)
 
 
 class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
