@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Sets up everything the stack and the tests need on a fresh Debian machine:
-# system packages (redis-server, chromium), a virtualenv at .venv with every package of this repo
-# installed editable against constraints.txt, and the generated gRPC stubs. Safe to run again.
+# system packages (redis-server, chromium, the fonts the demo model's training images are printed in),
+# a virtualenv at .venv with every package of this repo installed editable against constraints.txt, and the
+# generated gRPC stubs. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Fonts of the demo model's synthetic images (ivl_train): DejaVu, Liberation, WenQuanYi Micro Hei (CJK).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSerif-Bold.ttf ] || need_apt+=(fonts-dejavu-core)
+[ -f /usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf ] || need_apt+=(fonts-liberation)
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
 if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
@@ -28,7 +33,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt grpcio-tools
   $VPY proto/generate.py
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt \
-    -e proto -e tools/tiny_checkpoint -e tools/stack -e services/vision_encoder -e services/llm -e gateway -e frontend \
+    -e proto -e tools/tiny_checkpoint -e tools/stack -e tools/train -e services/vision_encoder -e services/llm -e gateway \
+    -e frontend \
     -r requirements-dev.txt
   echo "$inputs" > "$stamp"
 else
