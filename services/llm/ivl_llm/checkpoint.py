@@ -46,6 +46,8 @@ class LLMCheckpoint:
     system_message: str | None
     # config.json's "ivl_random_weights" (written by ivl_tiny): the replies of such a model are noise
     random_weights: bool = False
+    # config.json's "ivl_demo_model" (written by ivl_train): the trained tiny demo model
+    demo_model: bool = False
 
     @property
     def model_id(self) -> str:
@@ -128,6 +130,7 @@ def read_checkpoint(path: str | Path, template: str = "", system_message: str | 
         template=template or default_template,
         system_message=system_message if system_message is not None else config.get("system_message"),
         random_weights=bool(config.get("ivl_random_weights", False)),
+        demo_model=bool(config.get("ivl_demo_model", False)),
     )
 
 

@@ -100,6 +100,7 @@ class LLMService:
             "max_concurrency": self.settings.max_concurrency,
             "max_queue": self.settings.max_queue,
             "random_weights": self.checkpoint.random_weights,
+            "demo_model": self.checkpoint.demo_model,
         }
 
     async def generate(
