@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ivl_frontend.chat_examples import chat_examples
 from ivl_frontend.chat_handler import ChatHandler
 from ivl_frontend.gateway_client import GatewayClient
 from ivl_frontend.settings import MAX_TILES_LIMIT, FrontendSettings
@@ -71,6 +72,8 @@ def build_demo(settings: FrontendSettings, gateway_client: GatewayClient) -> gr.
                 concurrency_limit=settings.concurrency,
                 api_name="chat",
                 fill_height=False,
+                examples=chat_examples(),
+                cache_examples=False,
             )
         shown = gr.State("")
         controls, outputs = [textbox, max_tiles, use_thumbnail, shown], [tiles, tiles_info, shown]
