@@ -1,5 +1,5 @@
 """Examples for training and evaluation: synthetic image(s) -> the vision service's own preprocessing
-(PNG bytes -> ivl_vision.preprocess.Preprocessor: safe decode, exact tiling, normalisation) and the
+(PNG bytes -> ivl_vision.preprocess.preprocess_trusted: the service's decode, exact tiling, normalisation) and the
 conversation -> the LLM service's own templates (prompts.py). Example `i` of seed `s` depends on
 (s, i) only, so a resumed run sees exactly the examples an uninterrupted one would.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from ivl_llm.templates import Template
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import PreprocessedImage, Preprocessor
+from ivl_vision.preprocess import PreprocessedImage, preprocess_trusted
 from ivl_vision.tiling import TilingConfig
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
@@ -76,15 +76,15 @@ class ExampleMaker:
         self.template = template
         self.tokens_per_tile = tokens_per_tile
         self.config = config
-        self.preprocessor = Preprocessor(ImageLimits(), dtype="float32", max_workers=1)
+        self.limits = ImageLimits()
         self._kinds = list(config.kind_weights)
         self._weights = [config.kind_weights[k] for k in self._kinds]
 
     def close(self) -> None:
-        self.preprocessor.close()
+        """Nothing to release (the images are made here, trusted: no decode sandbox)."""
 
     def tiles(self, image: Image.Image, max_tiles: int) -> PreprocessedImage:
-        return self.preprocessor.preprocess(png_bytes(image), TilingConfig(max_tiles=max_tiles))
+        return preprocess_trusted(png_bytes(image), TilingConfig(max_tiles=max_tiles), self.limits)
 
     def from_samples(self, samples: list[Sample], max_tiles: list[int], system: str | None) -> Example:
         images = [self.tiles(s.image, m) for s, m in zip(samples, max_tiles, strict=True)]

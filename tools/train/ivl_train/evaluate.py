@@ -31,7 +31,7 @@ from ivl_llm.prompt import ImageEmbedding, PromptBuilder
 from ivl_llm.templates import ChatMessage, get_template, image_placeholders
 from ivl_vision.checkpoint_config import read_config as read_vision_config
 from ivl_vision.image_io import ImageLimits
-from ivl_vision.preprocess import Preprocessor
+from ivl_vision.preprocess import preprocess_trusted
 from ivl_vision.tiling import TilingConfig
 
 from ivl_train.allinone import load_allinone
@@ -107,12 +107,12 @@ class AllInOne:
                                      checkpoint.system_message)
         self.tokens_per_tile = self.model.config.image_seq_length
         self.stop_ids = sorted({self.tokenizer.convert_tokens_to_ids(template.stop_token), self.tokenizer.eos_token_id})
-        self.preprocessor = Preprocessor(ImageLimits(), dtype="float32", max_workers=1)
+        self.limits = ImageLimits()
 
     def answer(self, item: EvalItem) -> tuple[str, int]:
         tiling = self.default_tiling.with_overrides(item.max_tiles, None, None)
         tiling = tiling.with_overrides(None, min(tiling.min_tiles, tiling.max_tiles), None)
-        pixels = self.preprocessor.preprocess(item.png, tiling).pixels
+        pixels = preprocess_trusted(item.png, tiling, self.limits).pixels  # the service's decode and tiling
         rows = pixels.shape[0] * self.tokens_per_tile
         placeholder = ImageEmbedding(np.zeros((rows, self.hidden), dtype=np.float32), "float32")
         messages = [ChatMessage("user", image_placeholders(1) + item.question)]
@@ -130,7 +130,7 @@ class AllInOne:
         return self.tokenizer.decode(new, skip_special_tokens=True), pixels.shape[0]
 
     def close(self) -> None:
-        self.preprocessor.close()
+        """Nothing to release (the held-out images are made here: no decode sandbox)."""
 
 
 def stack_answer(client: Any, item: EvalItem) -> str:
