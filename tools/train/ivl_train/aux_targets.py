@@ -87,15 +87,20 @@ def offset_targets(parts: Sequence[tuple[AuxTargets, int]]) -> AuxTargets:
 
 
 class PatchHead(nn.Module):
-    """LayerNorm + Linear: tower patch outputs (tiles, patches, hidden) -> character logits."""
+    """LayerNorm + a GELU MLP: tower patch outputs (tiles, patches, hidden) -> character logits.
+
+    Not a linear probe: with LayerNorm + Linear the per-character accuracy of a from-scratch tower stayed at
+    ~5 % (chance) for 800 steps, while with this head it was 22 % after 500 steps of 4 pages (the tower's
+    blocks start near identity; the head gives the patch embedding a non-linear reader to learn against)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.linear = nn.Linear(hidden, AUX_CLASSES)
+        self.hidden = nn.Linear(hidden, 4 * hidden)
+        self.linear = nn.Linear(4 * hidden, AUX_CLASSES)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(patches))
+        return self.linear(F.gelu(self.hidden(self.norm(patches))))
 
 
 def patch_labels(targets: AuxTargets, tiles: int, patches: int) -> torch.Tensor:
