@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the stack and the tests need on a fresh Debian machine:
-# system packages (redis-server, chromium, Debian's docker-compose for the compose file's validation test),
+# system packages (redis-server, chromium, the fonts the demo model's training images are printed in,
+# Debian's docker-compose for the compose file's validation test),
 # a virtualenv at .venv with every package of this repo installed editable against constraints.txt,
 # the generated gRPC stubs, and LMDeploy's Python layer for its contract test (.cache/lmdeploy-*, never
 # in .venv). Safe to run again.
@@ -15,6 +16,10 @@ command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # tests/e2e/test_compose_file.py validates docker-compose.yml with Debian's docker-compose (no engine needed).
 [ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
+# Fonts of the demo model's synthetic images (ivl_train): DejaVu, Liberation, WenQuanYi Micro Hei (CJK).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSerif-Bold.ttf ] || need_apt+=(fonts-dejavu-core)
+[ -f /usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf ] || need_apt+=(fonts-liberation)
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
 if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
@@ -36,7 +41,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt grpcio-tools
   $VPY proto/generate.py
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt \
-    -e proto -e tools/tiny_checkpoint -e tools/stack -e services/vision_encoder -e services/llm -e gateway -e frontend \
+    -e proto -e tools/tiny_checkpoint -e tools/stack -e tools/train -e services/vision_encoder -e services/llm -e gateway \
+    -e frontend \
     -r requirements-dev.txt
   echo "$inputs" > "$stamp"
 else

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 
+from ivl_frontend.chat_examples import chat_examples
 from ivl_frontend.chat_handler import NO_IMAGES_YET, ChatHandler
 from ivl_frontend.chat_interface import SettlingChatInterface
 from ivl_frontend.gateway_client import GatewayClient
@@ -77,6 +78,8 @@ def build_demo(
                 concurrency_limit=settings.concurrency,
                 api_name="chat",
                 fill_height=False,
+                examples=chat_examples(),
+                cache_examples=False,
             )
         shown = gr.State("")
         controls, outputs = [textbox, max_tiles, use_thumbnail, shown], [tiles, tiles_info, shown]

@@ -58,6 +58,15 @@ TINY_BANNER = (
     "MODEL_PATH=models/InternVL2_5-1B scripts/run_stack.sh\n"
     "```"
 )
+DEMO_BANNER = (
+    "🧪 **Demo model: a tiny InternVL trained on this machine on synthetic images** (not a released InternVL). "
+    "It reads printed words, numbers and colours, and common Chinese words; try the examples under the chat: "
+    "*What is written in the image?* · *What color is the shape?* · *图中写的是什么？* "
+    "The small-text picture is the InternVL 1.5 idea at work: read with **Max tiles 12** it is legible in the "
+    "448 px tiles; with **Max tiles 1** the single 448 px view is too coarse and the answer is a guess. "
+    "Other questions get one of those kinds of answers. For a real model: "
+    "`MODEL_PATH=models/InternVL2_5-1B scripts/run_stack.sh` (see README)."
+)
 
 
 def error_text(error: Exception) -> str:
@@ -82,7 +91,9 @@ class ChatHandler:
         except ServingError as error:
             return f"⚠️ **The gateway is not reachable** ({error.message}). Replies will fail until it is up."
         model = f"Model **{info.model_id or 'unknown'}** · template `{info.template or '?'}` · context {info.context_length}"
-        return f"{TINY_BANNER}\n\n{model}" if info.tiny_random_model else model
+        if info.tiny_random_model:
+            return f"{TINY_BANNER}\n\n{model}"
+        return f"{DEMO_BANNER}\n\n{model}" if info.demo_model else model
 
     async def plan_preview(
         self,

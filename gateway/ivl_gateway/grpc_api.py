@@ -174,4 +174,5 @@ async def gateway_info(service: ChatService) -> gateway_pb2.InfoResponse:
             if service.settings.tiny_random_model is not None
             else llm.random_weights
         ),
+        demo_model=llm.demo_model,
     )

@@ -50,6 +50,8 @@ class LLMCheckpoint:
     # config.json's "ivl_random_weights" (written by ivl_tiny): the replies of such a model are noise
     random_weights: bool = False
     system_message_source: str = "override"  # where system_message came from
+    # config.json's "ivl_demo_model" (written by ivl_train): the trained tiny demo model
+    demo_model: bool = False
 
     @property
     def model_id(self) -> str:
@@ -138,6 +140,7 @@ def read_checkpoint(path: str | Path, template: str = "", system_message: str | 
         system_message=choice.text,
         random_weights=bool(config.get("ivl_random_weights", False)),
         system_message_source=choice.source,
+        demo_model=bool(config.get("ivl_demo_model", False)),
     )
 
 

@@ -186,6 +186,7 @@ class LLMService:
             "max_concurrency": self.settings.max_concurrency,
             "max_queue": self.settings.max_queue,
             "random_weights": self.checkpoint.random_weights,
+            "demo_model": self.checkpoint.demo_model,
             "system_message_source": self.checkpoint.system_message_source,
             **self._prefix_cache_info(),
         }

@@ -14,7 +14,9 @@ from ivl_stack.settings import StackSettings
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ivl_stack", description=__doc__)
     add = parser.add_argument
-    add("--model-path", help="InternVL checkpoint folder (or MODEL_PATH); default: the offline tiny demo model")
+    add("--model-path", help="InternVL checkpoint folder (or MODEL_PATH); default: the trained tiny demo model")
+    add("--random-demo", action="store_true", default=None,
+        help="without --model-path: the tiny random checkpoint instead of the trained demo model")
     add("--host", help="where the UI and the HTTP API listen (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     add("--ui-port", type=int, help="UI port (default 7860)")
     add("--http-port", type=int, help="gateway HTTP/OpenAI port (default 8000)")
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--redis-port", type=int, help="Redis port (default 6390)")
     add("--metrics-port", type=int, help="the launcher's own Prometheus /metrics on loopback (default 9400; 0 = off)")
     add("--redis-maxmemory", help="Redis memory cap for the embedding cache, LRU-evicted (default 1gb)")
-    add("--cache-dir", help="where the tiny demo checkpoint is written (default ~/.cache/ivl-stack)")
+    add("--cache-dir", help="where the tiny random checkpoint is written (default ~/.cache/ivl-stack)")
     add("--gpu", action="store_true", default=None, help="CUDA + bfloat16, LMDeploy for the LLM")
     add("--backend", choices=["transformers", "lmdeploy"], help="LLM backend")
     add("--device", choices=["cpu", "cuda"], help="device of both model services")

@@ -21,7 +21,7 @@ from ivl_stack.services import ServiceSpec, frontend_spec, gateway_spec, model_s
 from ivl_stack.settings import PORT_FIELDS, StackSettings
 from ivl_stack.stack_metrics import StackMetrics
 from ivl_stack.supervisor import Supervisor
-from ivl_stack.tiny_model import check_model_path, ensure_demo_checkpoint
+from ivl_stack.tiny_model import check_model_path, ensure_demo_checkpoint, trained_demo_model
 
 SUPERVISE_INTERVAL_S = 0.5
 
@@ -82,6 +82,11 @@ class Launcher:
     def _model_path(self) -> Path:
         if self.settings.model_path:
             return check_model_path(self.settings.model_path)
+        trained = None if self.settings.random_demo else trained_demo_model()
+        if trained is not None:
+            self.say(f"no MODEL_PATH given: using the trained tiny demo model {trained} (reads printed words, "
+                     "numbers and colours; see docs/demo_model.md)")
+            return trained
         self.say(f"no MODEL_PATH given: using the offline tiny random demo checkpoint under {self.settings.cache_dir}")
         folder, written = ensure_demo_checkpoint(self.settings.cache_dir)
         if written:

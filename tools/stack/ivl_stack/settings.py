@@ -24,9 +24,11 @@ class StackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IVL_STACK_", extra="ignore", populate_by_name=True)
 
-    # A checkpoint folder (original OpenGVLab or transformers-native layout). Empty = the offline tiny
-    # random demo checkpoint, written once under cache_dir.
+    # A checkpoint folder (original OpenGVLab or transformers-native layout). Empty = the trained tiny demo
+    # model committed under models/ (or, with random_demo or where it is missing, the tiny random
+    # checkpoint, written once under cache_dir).
     model_path: str = Field("", validation_alias=AliasChoices("model_path", "MODEL_PATH", "IVL_STACK_MODEL_PATH"))
+    random_demo: bool = False
     cache_dir: Path = Field(default_factory=default_cache_dir)
     host: str = Field("127.0.0.1", description="where the UI and the gateway's HTTP API listen (0.0.0.0 = all)")
     ui_port: int = Field(7860, ge=1, le=65535)

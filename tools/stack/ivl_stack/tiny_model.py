@@ -1,4 +1,5 @@
-"""The offline demo checkpoint: written once with ivl_tiny into the cache folder, then reused."""
+"""The offline demo models: the trained tiny demo model committed in the repository (models/, the default),
+or a tiny random checkpoint written once with ivl_tiny into the cache folder, then reused."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from pathlib import Path
 
 DEMO_DIR_NAME = "tiny-demo-checkpoint"
 COMPLETE_MARKER = ".ivl-complete"
+# The trained demo model (python -m ivl_train; docs/demo_model.md), committed at the repository's root.
+TRAINED_DEMO_MODEL = Path(__file__).resolve().parents[3] / "models" / "tiny-internvl-demo"
+
+
+def trained_demo_model(folder: Path = TRAINED_DEMO_MODEL) -> Path | None:
+    """The committed trained demo model, or None where it is not there (e.g. ivl-stack installed alone)."""
+    return folder if (folder / "config.json").is_file() else None
 
 
 def ensure_demo_checkpoint(cache_dir: Path, python: str = sys.executable) -> tuple[Path, bool]:
