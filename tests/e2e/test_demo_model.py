@@ -10,10 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 from ivl_frontend.chat_examples import EXAMPLES, EXAMPLES_DIR
+from ivl_frontend.chat_handler import DEMO_BANNER
 from ivl_proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ivl_stack.tiny_model import TRAINED_DEMO_MODEL
 from ivl_train.evaluate import AllInOne, EvalItem, heldout_set, normalise
+from support.browser_page import ARTIFACTS, BOT, UI, attach, chromium, open_page, replies_done
+from support.browser_page import ask as ask_in_page
 from support.stack import running_stack
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +90,24 @@ def test_held_out_images_split_stack_equals_all_in_one(client, reference):
     assert served == expected
     right = sum(normalise(s) == normalise(i.answer) for s, i in zip(served, items, strict=True))
     assert right >= len(items) // 2, list(zip(served, [i.answer for i in items], strict=True))
+
+
+def test_the_browser_shows_the_demo_models_answer(stack, reference):
+    """The UI in a real Chromium, in front of the demo model: its banner, and the answer to the colour
+    example, as a person sees it (artifacts/ui-demo-model.png)."""
+    name, question = next((n, q) for n, q in EXAMPLES if n == "orange-shape.png")
+    item = next(i for i in example_items() if i.kind == name)
+    page_ui = UI(stack, max_new_tokens=24)
+    try:
+        with chromium() as browser:
+            page = open_page(browser, page_ui.url)
+            assert DEMO_BANNER.split("**")[1] in page.inner_text("#ivl-banner")
+            attach(page, EXAMPLES_DIR / name)
+            ask_in_page(page, question)
+            wait_until(lambda: replies_done(page) >= 1, 120, "the demo model's reply")
+            shown = page.locator(BOT).first.inner_text().strip()
+            page.screenshot(path=str(ARTIFACTS / "ui-demo-model.png"), full_page=True)
+    finally:
+        page_ui.close()
+    assert shown == reference.answer(item)[0]
+    assert normalise(shown) == "orange"
