@@ -1,4 +1,4 @@
-"""The chat's example prompts: pictures the demo model can read (drawn by `python -m ivl_train examples`)."""
+"""The chat's example prompts: pictures the demo model answers (drawn by `python -m ivl_train examples`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from pathlib import Path
 from gradio.components.multimodal_textbox import MultimodalValue
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-# (file, question): a printed word, a coloured shape, a Chinese word, small text that needs the tiles.
+# (file, question): what the committed demo model can do (docs/demo_model.md); the second picture is wide and
+# is cut into tiles.
 EXAMPLES = (
-    ("printed-word.png", "What is written in the image?"),
     ("orange-shape.png", "What color is the shape?"),
-    ("chinese-word.png", "图中写的是什么？"),
-    ("small-text-needs-tiles.png", "What is written in the image?"),
+    ("blue-triangle-wide.png", "What color is the shape?"),
 )
 
 

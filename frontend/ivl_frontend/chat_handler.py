@@ -60,12 +60,10 @@ TINY_BANNER = (
 )
 DEMO_BANNER = (
     "🧪 **Demo model: a tiny InternVL trained on this machine on synthetic images** (not a released InternVL). "
-    "It reads printed words, numbers and colours, and common Chinese words; try the examples under the chat: "
-    "*What is written in the image?* · *What color is the shape?* · *图中写的是什么？* "
-    "The small-text picture is the InternVL 1.5 idea at work: read with **Max tiles 12** it is legible in the "
-    "448 px tiles; with **Max tiles 1** the single 448 px view is too coarse and the answer is a guess. "
-    "Other questions get one of those kinds of answers. For a real model: "
-    "`MODEL_PATH=models/InternVL2_5-1B scripts/run_stack.sh` (see README)."
+    "It names the colour of a shape: try the examples under the chat (*What color is the shape?*). Every answer "
+    "it gives is a colour word. Its vision tower was also pre-trained to read printed characters, but on 2 CPU "
+    "cores it has not learned to answer reading questions (docs/demo_model.md has the measured accuracy). "
+    "For a real model: `MODEL_PATH=models/InternVL2_5-1B scripts/run_stack.sh` (see README)."
 )
 
 

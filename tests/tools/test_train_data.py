@@ -131,9 +131,22 @@ def test_aux_targets_follow_the_tiling():
     plan = plan_tiles(1600, 1200, TilingConfig(max_tiles=12))  # 4x3 grid at 1.12x + thumbnail
     boxes = [CharBox("a", 500.0, 700.0, 30.0), CharBox("7", 1590.0, 10.0, 30.0)]
     targets = aux_targets(boxes, plan)
-    # 'a': x 560, y 784 in the 1792x1344 grid -> tile (1, 1) = 5, token (2, 6) in 56 px cells
-    assert (5, 6 * 8 + 2, CHAR_INDEX["a"]) in targets.positives
-    assert (3, 0 * 8 + 7, CHAR_INDEX["7"]) in targets.positives
+    # 'a': x 560, y 784 in the 1792x1344 grid -> tile (1, 1) = 5, patch (4, 12) of its 16x16 28 px patches
+    assert (5, 12 * 16 + 4, CHAR_INDEX["a"]) in targets.positives
+    assert (3, 0 * 16 + 15, CHAR_INDEX["7"]) in targets.positives
     assert targets.ignored_tiles == (12,)  # the thumbnail: 11 px high text is not asked for
     single = aux_targets([CharBox("b", 800.0, 600.0, 200.0)], plan_tiles(1600, 1200, TilingConfig(max_tiles=1)))
-    assert single.positives == ((0, 4 * 8 + 4, CHAR_INDEX["b"]),) and not single.ignored_tiles
+    assert single.positives == ((0, 8 * 16 + 8, CHAR_INDEX["b"]),) and not single.ignored_tiles
+
+
+def test_the_ui_example_pictures_are_the_ones_ivl_train_draws(tmp_path):
+    """frontend/ivl_frontend/examples holds exactly `python -m ivl_train examples`' pictures, with the same
+    questions the chat offers."""
+    from ivl_frontend.chat_examples import EXAMPLES as UI_EXAMPLES
+    from ivl_frontend.chat_examples import EXAMPLES_DIR
+    from ivl_train.examples import EXAMPLES, write_examples
+
+    assert [(e.file_name, e.question) for e in EXAMPLES] == list(UI_EXAMPLES)
+    for path in write_examples(tmp_path):
+        assert path.read_bytes() == (EXAMPLES_DIR / path.name).read_bytes(), path.name
+    assert sorted(p.name for p in EXAMPLES_DIR.iterdir()) == sorted(e.file_name for e in EXAMPLES)

@@ -84,8 +84,8 @@ class Launcher:
             return check_model_path(self.settings.model_path)
         trained = None if self.settings.random_demo else trained_demo_model()
         if trained is not None:
-            self.say(f"no MODEL_PATH given: using the trained tiny demo model {trained} (reads printed words, "
-                     "numbers and colours; see docs/demo_model.md)")
+            self.say(f"no MODEL_PATH given: using the trained tiny demo model {trained} (what it can answer: "
+                     "docs/demo_model.md)")
             return trained
         self.say(f"no MODEL_PATH given: using the offline tiny random demo checkpoint under {self.settings.cache_dir}")
         folder, written = ensure_demo_checkpoint(self.settings.cache_dir)

@@ -1,1 +1,1 @@
-"""ivl_train: trains the tiny InternVL demo model (reads printed words, numbers, colours, Chinese words)."""
+"""ivl_train: trains the tiny InternVL demo model on synthetic images (printed words, numbers, colours, Chinese words)."""

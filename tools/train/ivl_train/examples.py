@@ -1,5 +1,6 @@
-"""The UI's example images (frontend/ivl_frontend/examples/): what the demo model can do, drawn the way
-the training images are, one of them small text in a large image that needs the tiles."""
+"""The UI's example images (frontend/ivl_frontend/examples/): what the committed demo model can do (name the
+colour of a shape), drawn the way the training images are; one of them is wide and cut into 3 tiles + the
+overview."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ivl_train.fonts import CJK_FACES, LATIN_FACES, check_fonts, load_font
-from ivl_train.synth import COLORS, QUESTION_CHINESE, QUESTION_COLOR, QUESTION_TEXT
+from ivl_train.fonts import check_fonts
+from ivl_train.synth import COLORS, QUESTION_COLOR
 
 
 @dataclass(frozen=True)
@@ -20,36 +21,20 @@ class UIExample:
 
 
 EXAMPLES = (
-    UIExample("printed-word.png", QUESTION_TEXT, "hello"),
     UIExample("orange-shape.png", QUESTION_COLOR, "orange"),
-    UIExample("chinese-word.png", QUESTION_CHINESE, "你好"),
-    UIExample("small-text-needs-tiles.png", QUESTION_TEXT, "tiles"),
+    UIExample("blue-triangle-wide.png", QUESTION_COLOR, "blue"),
 )
 
 
-def _centered(image: Image.Image, text: str, font_path: Path, size: int, ink: tuple[int, int, int],
-              at: tuple[float, float] = (0.5, 0.5)) -> None:
-    font = load_font(font_path, size)
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = at[0] * image.width - (right - left) / 2 - left
-    y = at[1] * image.height - (bottom - top) / 2 - top
-    draw.text((x, y), text, font=font, fill=ink)
-
-
 def draw_example(example: UIExample) -> Image.Image:
-    if example.file_name == "printed-word.png":
-        image = Image.new("RGB", (960, 540), (245, 240, 228))
-        _centered(image, example.answer, LATIN_FACES[1].path, 150, (30, 40, 60))
-    elif example.file_name == "orange-shape.png":
+    if example.file_name == "orange-shape.png":
         image = Image.new("RGB", (800, 600), (70, 74, 80))
         ImageDraw.Draw(image).ellipse([260, 160, 540, 440], fill=COLORS["orange"])
-    elif example.file_name == "chinese-word.png":
-        image = Image.new("RGB", (800, 500), (250, 248, 240))
-        _centered(image, example.answer, CJK_FACES[0].path, 170, (150, 20, 20))
-    else:  # small text: ~28 px high in a 1600x1200 picture, unreadable in the 448 px overview
-        image = Image.new("RGB", (1600, 1200), (236, 240, 244))
-        _centered(image, example.answer, LATIN_FACES[0].path, 38, (20, 30, 50), at=(0.3, 0.62))
+    elif example.file_name == "blue-triangle-wide.png":  # 1500x500: a 3x1 grid of tiles + the overview
+        image = Image.new("RGB", (1500, 500), (200, 200, 196))
+        ImageDraw.Draw(image).polygon([(1050, 80), (880, 420), (1220, 420)], fill=COLORS["blue"])
+    else:
+        raise ValueError(f"unknown example {example.file_name!r}")
     return image
 
 
