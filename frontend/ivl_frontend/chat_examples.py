@@ -15,10 +15,11 @@ EXAMPLES = (
 )
 
 
-def chat_examples() -> list[MultimodalValue]:
-    """The examples whose pictures are present (all of them in a source checkout or an installed wheel)."""
+def chat_examples() -> list[list[MultimodalValue | None]]:
+    """The examples whose pictures are present (all of them in a source checkout or an installed wheel), in
+    ChatInterface's shape when it has additional inputs: [message, *additional inputs] (None: left as set)."""
     return [
-        {"text": question, "files": [str(EXAMPLES_DIR / name)]}
+        [{"text": question, "files": [str(EXAMPLES_DIR / name)]}]
         for name, question in EXAMPLES
         if (EXAMPLES_DIR / name).is_file()
     ]

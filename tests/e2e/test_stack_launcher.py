@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ import httpx
 import pytest
 from ivl_stack.restart_policy import RestartHistory, RestartPolicy
 from ivl_stack.settings import StackSettings
+from ivl_stack.tiny_model import TRAINED_DEMO_MODEL
 from PIL import Image
 from support.launcher_process import SERVICES, LauncherProcess, alive, clean_env, group_alive
 from support.redis_server import free_port
@@ -66,8 +68,8 @@ def test_launcher_starts_everything_and_serves_a_chat(stack):
     pids = ready["pids"]
     assert set(pids) == {"redis", "vision", "llm", "gateway", "ui"}
     assert all(alive(pid) for pid in pids.values())
-    # The tiny demo checkpoint was written because no MODEL_PATH was given.
-    assert Path(ready["model_path"]).joinpath("config.json").is_file()
+    # No MODEL_PATH: the committed trained demo model is served.
+    assert Path(ready["model_path"]) == TRAINED_DEMO_MODEL
     assert ready["ui"] == f"http://127.0.0.1:{stack.ports['ui']}"
     assert ready["metrics"] == f"http://127.0.0.1:{stack.ports['metrics']}/metrics"
     assert stack.metric("ivl_stack_child_up", service="vision") == 1.0
@@ -264,3 +266,18 @@ def test_restart_policy_backs_off_exponentially_and_gives_up_on_a_crash_loop():
     with pytest.raises(ValueError, match="metrics_port and ui_port are both 9000"):
         StackSettings(ui_port=9000, metrics_port=9000)
     assert StackSettings(metrics_port=0).metrics_port == 0  # 0 = no launcher metrics endpoint
+
+
+def test_the_model_choice_without_a_model_path(tmp_path):
+    """No model path: the committed trained demo model; --random-demo: the tiny random checkpoint, written
+    once into the cache folder; a model path: that folder, checked."""
+    from ivl_stack.launcher import Launcher
+
+    def chosen(**fields) -> Path:
+        return Launcher(StackSettings(cache_dir=tmp_path / "cache", **fields), io.StringIO())._model_path()
+
+    assert chosen() == TRAINED_DEMO_MODEL
+    random_model = chosen(random_demo=True)
+    assert random_model.is_relative_to(tmp_path / "cache")
+    assert json.loads((random_model / "config.json").read_text())["ivl_random_weights"] is True
+    assert chosen(model_path=str(TRAINED_DEMO_MODEL)) == TRAINED_DEMO_MODEL

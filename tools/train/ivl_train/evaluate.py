@@ -133,10 +133,15 @@ class AllInOne:
         """Nothing to release (the held-out images are made here: no decode sandbox)."""
 
 
-def stack_answer(client: Any, item: EvalItem) -> str:
+def served_model(client: Any) -> str:
+    """The model id the stack serves (its /v1/models); the gateway refuses any other name."""
+    return str(client.models.list().data[0].id)
+
+
+def stack_answer(client: Any, item: EvalItem, model: str) -> str:
     url = "data:image/png;base64," + base64.b64encode(item.png).decode()
     response = client.chat.completions.create(
-        model="demo",
+        model=model,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": item.question}]}],
         temperature=0, max_tokens=MAX_NEW_TOKENS,
@@ -251,12 +256,13 @@ def evaluate(config: EvalConfig, base_url: str) -> EvalReport:
     items = heldout_set(config.seed, config.per_kind, config.small_max_tiles)
     client = OpenAI(base_url=base_url, api_key=config.api_key, timeout=300, max_retries=0)
     reference = AllInOne(config.model_path)
+    model = served_model(client)
     started = time.perf_counter()
     outcomes = []
     try:
         for item in tqdm(items, desc="evaluating", unit="image", disable=not config.progress):
             outcome = Outcome(item)
-            outcome.stack = stack_answer(client, item)
+            outcome.stack = stack_answer(client, item, model)
             outcome.allinone, outcome.tiles = reference.answer(item)
             outcomes.append(outcome)
     finally:
