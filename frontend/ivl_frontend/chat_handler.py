@@ -61,8 +61,9 @@ TINY_BANNER = (
 DEMO_BANNER = (
     "🧪 **Demo model: a tiny InternVL trained on this machine on synthetic images** (not a released InternVL). "
     "It names the colour of a shape: try the examples under the chat (*What color is the shape?*). To anything "
-    "else it answers with a colour word, or something like one. Its vision tower was also pre-trained to read printed characters, but on 2 CPU "
-    "cores it has not learned to answer reading questions (docs/demo_model.md has the measured accuracy). "
+    "else it answers with a colour word, or something like one. Its vision tower was also pre-trained to read "
+    "printed characters, but on 2 CPU cores it has not learned to answer reading questions (docs/demo_model.md "
+    "has the measured accuracy). "
     "For a real model: `MODEL_PATH=models/InternVL2_5-1B scripts/run_stack.sh` (see README)."
 )
 

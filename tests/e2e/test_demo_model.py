@@ -42,9 +42,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def reference():
-    model = AllInOne(TRAINED_DEMO_MODEL)
-    yield model
-    model.close()
+    return AllInOne(TRAINED_DEMO_MODEL)
 
 
 def ask(client, item: EvalItem) -> str:

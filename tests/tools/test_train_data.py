@@ -112,19 +112,13 @@ def test_two_turn_sequences_learn_both_replies_with_the_gateways_image_numbering
 
 def test_examples_use_the_vision_services_preprocessing(tokenizer):
     maker = ExampleMaker(tokenizer, get_template(TEMPLATE), TOKENS_PER_TILE, DataConfig(seed=1))
-    try:
-        for index in range(6):
-            example = maker.training_example(index)
-            image_tokens = sum(1 for i in example.input_ids if i == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-            assert image_tokens == example.tiles * TOKENS_PER_TILE
-            assert example.pixel_values.shape[1:] == (3, 448, 448)
-        again = ExampleMaker(tokenizer, get_template(TEMPLATE), TOKENS_PER_TILE, DataConfig(seed=1))
-        try:
-            assert again.training_example(4).input_ids == maker.training_example(4).input_ids  # seeded per index
-        finally:
-            again.close()
-    finally:
-        maker.close()
+    for index in range(6):
+        example = maker.training_example(index)
+        image_tokens = sum(1 for i in example.input_ids if i == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+        assert image_tokens == example.tiles * TOKENS_PER_TILE
+        assert example.pixel_values.shape[1:] == (3, 448, 448)
+    again = ExampleMaker(tokenizer, get_template(TEMPLATE), TOKENS_PER_TILE, DataConfig(seed=1))
+    assert again.training_example(4).input_ids == maker.training_example(4).input_ids  # seeded per index
 
 
 def test_aux_targets_follow_the_tiling():

@@ -80,9 +80,6 @@ class ExampleMaker:
         self._kinds = list(config.kind_weights)
         self._weights = [config.kind_weights[k] for k in self._kinds]
 
-    def close(self) -> None:
-        """Nothing to release (the images are made here, trusted: no decode sandbox)."""
-
     def tiles(self, image: Image.Image, max_tiles: int) -> PreprocessedImage:
         return preprocess_trusted(png_bytes(image), TilingConfig(max_tiles=max_tiles), self.limits)
 
@@ -162,12 +159,9 @@ class StepStream(torch.utils.data.IterableDataset):
         if torch.utils.data.get_worker_info() is not None:  # a DataLoader worker: leave the cores to training
             torch.set_num_threads(1)
         maker = ExampleMaker(*self.args)
-        try:
-            for step in range(self.start_step, self.steps):
-                if step < self.vision_steps:
-                    yield page_batch(maker, step)
-                else:
-                    first = (step - self.vision_steps) * self.batch
-                    yield [maker.training_example(first + i) for i in range(self.batch)]
-        finally:
-            maker.close()
+        for step in range(self.start_step, self.steps):
+            if step < self.vision_steps:
+                yield page_batch(maker, step)
+            else:
+                first = (step - self.vision_steps) * self.batch
+                yield [maker.training_example(first + i) for i in range(self.batch)]

@@ -129,9 +129,6 @@ class AllInOne:
             new = new[:-1]
         return self.tokenizer.decode(new, skip_special_tokens=True), pixels.shape[0]
 
-    def close(self) -> None:
-        """Nothing to release (the held-out images are made here: no decode sandbox)."""
-
 
 def served_model(client: Any) -> str:
     """The model id the stack serves (its /v1/models); the gateway refuses any other name."""
@@ -259,14 +256,11 @@ def evaluate(config: EvalConfig, base_url: str) -> EvalReport:
     model = served_model(client)
     started = time.perf_counter()
     outcomes = []
-    try:
-        for item in tqdm(items, desc="evaluating", unit="image", disable=not config.progress):
-            outcome = Outcome(item)
-            outcome.stack = stack_answer(client, item, model)
-            outcome.allinone, outcome.tiles = reference.answer(item)
-            outcomes.append(outcome)
-    finally:
-        reference.close()
+    for item in tqdm(items, desc="evaluating", unit="image", disable=not config.progress):
+        outcome = Outcome(item)
+        outcome.stack = stack_answer(client, item, model)
+        outcome.allinone, outcome.tiles = reference.answer(item)
+        outcomes.append(outcome)
     return EvalReport(outcomes, time.perf_counter() - started)
 
 

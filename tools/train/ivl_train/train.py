@@ -200,10 +200,7 @@ class Trainer:
         sincos_position_init(self.model)
         if self.config.pca_init:
             maker = ExampleMaker(self.tokenizer, self.template, self.spec.tokens_per_tile, self.config.data_config())
-            try:
-                tiles = torch.cat([page_batch(maker, -1 - i).pixel_values for i in range(8)])
-            finally:
-                maker.close()
+            tiles = torch.cat([page_batch(maker, -1 - i).pixel_values for i in range(8)])
             pca_patch_init(self.model, tiles)
 
     def _config_record(self) -> dict[str, Any]:
@@ -293,7 +290,6 @@ class Trainer:
         held_maker = ExampleMaker(self.tokenizer, self.template, self.spec.tokens_per_tile, config.data_config())
         kinds = tuple(k for k in KINDS if config.kind_weights.get(k, 0) > 0)
         heldout = heldout_examples(held_maker, config.eval_per_kind, config.seed + 1, kinds) if config.eval_every else []
-        held_maker.close()
         window: list[StepStats] = []
         bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         started_wall, started_cpu = time.perf_counter(), time.process_time()
