@@ -39,10 +39,10 @@ def _stages(dockerfile: str) -> list[tuple[str, str | None, list[str]]]:
 
 
 def _copied_model(dockerfile: str) -> str:
-    """The repository folder the demo-checkpoint stage copies to /demo-model."""
-    (checkpoint,) = [s for s in _stages(dockerfile) if s[1] == "demo-checkpoint"]
-    (copy,) = checkpoint[2]
-    match = re.fullmatch(r"COPY (\S+?)/? /demo-model/?", copy)
+    """The repository folder the demo stage copies to /models/current."""
+    (demo,) = [s for s in _stages(dockerfile) if s[1] == "demo"]
+    (copy,) = demo[2]
+    match = re.fullmatch(r"COPY (\S+?)/? /models/current/?", copy)
     assert match, copy
     return match.group(1)
 
@@ -51,12 +51,12 @@ def _copied_model(dockerfile: str) -> str:
 def test_the_demo_target_bakes_the_model_and_the_default_target_does_not(dockerfile):
     stages = _stages(dockerfile)
     names = [name for _, name, _ in stages]
-    assert names == ["service", "demo-checkpoint", "demo", None], names
+    assert names == ["service", "demo", None], names
     last_from, _, last_body = stages[-1]
     assert last_from == "service" and not last_body, "the default build is the service without a model"
-    demo_from, _, demo_body = stages[2]
+    demo_from, _, demo_body = stages[1]
     assert demo_from == "service"
-    assert demo_body == ["COPY --from=demo-checkpoint /demo-model /models/current"]
+    assert demo_body == ["COPY models/tiny-internvl-demo/ /models/current/"]
     service_env = " ".join(line for line in stages[0][2] if line.startswith("ENV "))
     assert "MODEL_PATH=/models/current" in service_env
 
