@@ -12,7 +12,7 @@ PY="${PYTHON:-python3}"
 stamp="$VENV/.ivl-bench-installed"
 want="torch==2.14.1 torchvision==0.29.1 accelerate $(sha256sum constraints.txt | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  grep -v '^torch==' constraints.txt > "$VENV/constraints-bench.txt"
+  grep -v -E '^(torch|triton)==' constraints.txt > "$VENV/constraints-bench.txt"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$VENV/constraints-bench.txt" \
     torch==2.14.1 torchvision==0.29.1 transformers fastapi uvicorn pydantic openai pillow numpy safetensors \
     tokenizers typer httpx accelerate

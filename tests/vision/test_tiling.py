@@ -13,8 +13,10 @@ import torch
 from ivl_proto.errors import ErrorCode, ServingError
 from ivl_proto.tiling_limits import MAX_TILES_LIMIT
 from ivl_vision.tiling import (
+    RAW,
     TilingConfig,
     candidate_grids,
+    normalise_tiles,
     plan_tiles,
     tile_pixels,
 )
@@ -230,6 +232,27 @@ def test_pixels_equal_reference(
     assert as_bf16.dtype == np.uint16
     torch_bits = torch.from_numpy(ours).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(as_bf16, torch_bits)
+
+
+@pytest.mark.parametrize(("width", "height", "max_tiles"), [(1280, 720, 12), (300, 1500, 6), (448, 448, 12)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_raw_tiles_normalise_to_the_same_pixels(width: int, height: int, max_tiles: int, dtype: str) -> None:
+    """What the decode workers now send (RAW uint8 tiles) and the service normalises equals tiling in `dtype`."""
+    image = _noise(width, height, seed=width * height)
+    config = TilingConfig(max_tiles=max_tiles)
+    plan = plan_tiles(width, height, config)
+    raw = tile_pixels(image, plan, config, RAW)
+    assert raw.dtype == np.uint8 and raw.shape == (plan.num_tiles, 3, 448, 448)
+    expected = tile_pixels(image, plan, config, dtype)
+    assert np.array_equal(normalise_tiles(raw, dtype), expected)
+    out = np.empty_like(expected)
+    assert normalise_tiles(raw, dtype, out=out) is out and np.array_equal(out, expected)
+    with pytest.raises(ServingError, match="uint8 tiles"):
+        normalise_tiles(expected, dtype)
+    with pytest.raises(ServingError, match="wire dtype"):
+        normalise_tiles(raw, RAW)
+    with pytest.raises(ServingError, match="out must be"):
+        normalise_tiles(raw, dtype, out=np.empty((plan.num_tiles + 1, 3, 448, 448), expected.dtype))
 
 
 def test_every_byte_value_normalises_like_torch() -> None:

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import invalid
 from ivl_proto.worker_loop import run_worker
 
 from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
-from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
+from ivl_vision.tiling import TilePlan, TilingConfig, pixel_storage, plan_tiles, tile_pixels
 
 
 def limits_to_task(limits: ImageLimits) -> dict[str, Any]:
@@ -92,7 +91,7 @@ class _Tiler:
         return self._executor
 
     def _out(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        storage = numpy_dtype(dtype, "the pixels")
+        storage = pixel_storage(dtype)
         size = int(np.prod(shape)) * storage.itemsize
         if self._buffer.nbytes < size:
             self._buffer = np.empty(size, dtype=np.uint8)

@@ -11,6 +11,7 @@ naming the limit. `preprocess_trusted` (no sandbox) is for trusted input: the CL
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
 from ivl_vision.decode_worker import limits_to_task, tiling_to_task
 from ivl_vision.image_io import ImageLimits, decode_image
-from ivl_vision.tiling import TilePlan, TilingConfig, plan_tiles, tile_pixels
+from ivl_vision.tiling import RAW, TilePlan, TilingConfig, normalise_tiles, plan_tiles, tile_pixels
 
 WORKER_MODULE = "ivl_vision.decode_worker"
 
@@ -127,17 +128,20 @@ class Preprocessor:
         `preprocess`."""
         plan = plan_tiles(size[0], size[1], config)
         shape = (plan.num_tiles, 3, config.image_size, config.image_size)
-        pixels = np.empty(shape, dtype=numpy_dtype(self._dtype, "the pixels"))
+        raw = np.empty(shape, dtype=np.uint8)
 
         def receive(header: dict[str, Any]) -> memoryview:
-            if list(header.get("shape", ())) != list(shape) or header.get("dtype") != self._dtype:
+            if list(header.get("shape", ())) != list(shape) or header.get("dtype") != RAW:
                 raise ServingError(ErrorCode.INTERNAL, f"a decode worker returned {header.get('shape')} pixels for {shape}")
-            return memoryview(pixels).cast("B")
+            return memoryview(raw).cast("B")
 
-        task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": self._dtype,
+        # The worker sends RAW (uint8) tiles, a quarter of the float32 bytes through the pipe; the normalising
+        # gather, the same table lookup the worker would have done, runs here off the event loop.
+        task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": RAW,
                 "expect_size": list(size), "threads": self.sandbox.threads}
         pixels_count = size[0] * size[1]
         await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
+        pixels = await asyncio.to_thread(normalise_tiles, raw, self._dtype)
         return PreprocessedImage(pixels=pixels, plan=plan)
 
     async def _run(
