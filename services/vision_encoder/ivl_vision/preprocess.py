@@ -136,12 +136,16 @@ class Preprocessor:
             return memoryview(raw).cast("B")
 
         # The worker sends RAW (uint8) tiles, a quarter of the float32 bytes through the pipe; the normalising
-        # gather, the same table lookup the worker would have done, runs here off the event loop.
+        # gather, the same table lookup the worker would have done, runs here off the event loop, on as many
+        # threads (whole tiles each) as a worker resizes with.
         task = {"limits": self._limits_task, "tiling": tiling_to_task(config), "dtype": RAW,
                 "expect_size": list(size), "threads": self.sandbox.threads}
         pixels_count = size[0] * size[1]
         await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
-        pixels = await asyncio.to_thread(normalise_tiles, raw, self._dtype)
+        pixels = np.empty(shape, dtype=numpy_dtype(self._dtype, "the pixels"))
+        parts = np.array_split(np.arange(plan.num_tiles), min(plan.num_tiles, self.sandbox.threads))
+        await asyncio.gather(*(asyncio.to_thread(normalise_tiles, raw[part[0] : part[-1] + 1], self._dtype,
+                                                 pixels[part[0] : part[-1] + 1]) for part in parts))
         return PreprocessedImage(pixels=pixels, plan=plan)
 
     async def _run(
