@@ -13,7 +13,10 @@ OpenAI chat API, streaming, greedy, 8 new tokens, 1280x720 PNG images (max_tiles
 Measured, alternating between the two servers: TTFT of a new image (median), TTFT of the same image again
 (median), a 5-turn chat about one image (total and per turn), and 8 and 32 concurrent clients (half new, half
 one of 4 repeated images; every request body is built before the clock starts, so the clients' own PNG and
-base64 work neither takes the servers' cores nor stalls the clients' event loop): answered requests/s and TTFT p50. Before anything, the bench venv's AutoProcessor
+base64 work neither takes the servers' cores nor stalls the clients' event loop): answered requests/s, TTFT p50
+and CPU ms per answered request (CPU seconds of each server's processes and their children: stable on a shared
+machine, where the wall-clock rate of either server moves with the neighbours), in --level-rounds rounds with the
+two servers back to back in alternating order (medians, and the median of the per-round throughput ratios). Before anything, the bench venv's AutoProcessor
 loads the checkpoint and its pixels are checked equal to our tiling.
 
     bash scripts/setup_bench_venv.sh && .venv/bin/python bench/bench_vs_transformers_serve.py
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -48,7 +52,7 @@ from benchlib import (
 add_paths("tests")
 from support.load_client import ChatOutcome, data_url, run_clients, stream_chat, unique_png  # noqa: E402
 from support.redis_server import free_port  # noqa: E402
-from support.service_processes import ProcessBackend  # noqa: E402
+from support.service_processes import ProcessBackend, child_pids, cpu_seconds  # noqa: E402
 
 HEADING = "## Versus `transformers serve`: same checkpoint, same requests (bench/bench_vs_transformers_serve.py)"
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +86,17 @@ def user(text: str, image: bytes | None = None) -> dict:
 
 
 class Server:
-    def __init__(self, name: str, url: str, model: str) -> None:
+    def __init__(self, name: str, url: str, model: str, pids: tuple[int, ...] = ()) -> None:
         self.name, self.url, self.model = name, url, model
+        self.pids = pids  # the server's processes: CPU seconds of these and their children are its work
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            for member in (pid, *child_pids(pid)):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    total += cpu_seconds(member)
+        return total
 
     async def chat(self, messages: list[dict], max_tokens: int) -> ChatOutcome:
         async with httpx.AsyncClient(timeout=600) as client:
@@ -172,24 +185,35 @@ async def five_turns(server: Server, seed: int, max_tokens: int) -> list[float]:
     return times
 
 
+@dataclass(frozen=True)
+class Level:
+    """One server's run of one concurrency level."""
+
+    rps: float  # answered requests per wall second
+    ttft_p50_ms: float
+    errors: int
+    cpu_ms: float  # CPU milliseconds of the server's processes per answered request
+
+
 async def concurrent(server: Server, clients: int, per_client: int, seed: int, max_tokens: int,
-                     repeated: list[bytes]) -> tuple[float, float, int]:
+                     repeated: list[bytes]) -> Level:
     total = clients * per_client
     # Every request body is built before the clock starts: encoding a new 1280x720 PNG and its base64 takes the
     # client ~60 ms of CPU, on the cores the servers share, and blocks the clients' event loop while it runs.
     bodies = [body([user(f"Question {i}: what is in it?",
                          unique_png(seed + i, WIDTH, HEIGHT) if i % 2 == 0 else repeated[i % len(repeated)])],
                    server.model, max_tokens) for i in range(total)]
-    started = time.perf_counter()
+    started, cpu_start = time.perf_counter(), server.cpu_s()
     outcomes = await run_clients(server.url, clients, total, bodies.__getitem__, timeout_s=900)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, server.cpu_s() - cpu_start
     ok = [o for o in outcomes if o.ok]
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed[:3]:  # what went wrong, in the run's output
         print(f"{server.name}, {clients} clients: request failed: HTTP {outcome.status} {outcome.error_code!r} "
               f"{outcome.error_message[:300]!r} (final chunk: {outcome.finished})", flush=True)
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
-    return len(ok) / seconds, statistics.median(ttfts) * 1000 if ttfts else float("nan"), total - len(ok)
+    return Level(len(ok) / seconds, statistics.median(ttfts) * 1000 if ttfts else float("nan"), total - len(ok),
+                 cpu * 1000 / max(1, len(ok)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -197,7 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--venv", type=Path, default=ROOT / ".cache" / "bench-venv")
     parser.add_argument("--rounds", type=int, default=5, help="new/repeated image rounds")
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
-    parser.add_argument("--per-client", type=int, default=6)
+    parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--level-rounds", type=int, default=3,
+                        help="rounds of each concurrency level, the two servers back to back in alternating order")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each model service (the launcher leaves torch's default: the cores)")
@@ -206,7 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
-        args.rounds, args.levels, args.per_client = 2, [8], 1
+        args.rounds, args.levels, args.per_client, args.level_rounds = 2, [8], 1, 1
     return args
 
 
@@ -227,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                                  vision={"max_queued_tiles": 4096, "torch_threads": args.threads})
         backend.start()
         try:
-            with transformers_serve(model, args.venv) as (theirs, _process, log):
+            with transformers_serve(model, args.venv) as (theirs, process, log):
+                theirs.pids = (process.pid,)
                 served = httpx.get(f"{backend.gateway.http_url}/v1/models", timeout=10).json()["data"][0]["id"]
-                ours = Server("ours", backend.gateway.http_url, served)  # any other name is a 404, as OpenAI's
+                ours_pids = (backend.vision.pid, backend.llm.pid, backend.gateway.pid)
+                if backend.redis is not None and backend.redis.process is not None:
+                    ours_pids += (backend.redis.process.pid,)
+                # any other model name is a 404, as OpenAI's
+                ours = Server("ours", backend.gateway.http_url, served, ours_pids)
                 servers = [ours, theirs]
                 for server in servers:  # warm-up: first requests load lazily built state
                     for i in range(2):
@@ -237,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
                 single = asyncio.run(new_and_repeated(servers, args.rounds, args.max_tokens))
                 chats = {s.name: asyncio.run(five_turns(s, 700_000 + k, args.max_tokens)) for k, s in enumerate(servers)}
                 repeated = [unique_png(600_000 + i, WIDTH, HEIGHT) for i in range(4)]
-                levels = {}
+                levels: dict[tuple[str, int], list[Level]] = {}
                 for level in args.levels:
-                    for k, server in enumerate(servers):
-                        levels[(server.name, level)] = asyncio.run(
-                            concurrent(server, level, args.per_client, 100_000 * (level + k), args.max_tokens, repeated))
-                        print(server.name, level, levels[(server.name, level)], flush=True)
+                    for round_index in range(args.level_rounds):  # back to back, alternating who goes first
+                        order = servers if round_index % 2 == 0 else servers[::-1]
+                        for server in order:
+                            k = servers.index(server)
+                            result = asyncio.run(concurrent(server, level, args.per_client,
+                                                            100_000 * (level + k) + 10_000 * round_index,
+                                                            args.max_tokens, repeated))
+                            levels.setdefault((server.name, level), []).append(result)
+                            print(server.name, level, round_index, result, flush=True)
                 fallback = "Falling back to sequential generation" in log.read_text(errors="replace")
         finally:
             backend.stop()
@@ -262,11 +298,21 @@ def report(single, chats, levels, args, processor_check, fallback, elapsed, load
         ("5-turn chat, total s", f"{sum(chats['ours']):.2f}", f"{sum(chats[t]):.2f}",
          f"{sum(chats[t]) / sum(chats['ours']):.2f}x", "ahead (> 1.0x)"),
     ]
+    round_lines = []
     for level in args.levels:
-        (ours_rps, ours_p50, ours_err), (their_rps, their_p50, their_err) = levels[("ours", level)], levels[(t, level)]
-        rows.append((f"{level} clients, answered req/s (TTFT p50 ms; errors)", f"{ours_rps:.2f} ({ours_p50:.0f}; {ours_err})",
-                     f"{their_rps:.2f} ({their_p50:.0f}; {their_err})", f"{ours_rps / their_rps:.2f}x",
+        ours_runs, their_runs = levels[("ours", level)], levels[(t, level)]
+        ratios = [o.rps / r.rps for o, r in zip(ours_runs, their_runs, strict=True)]
+
+        def cell(runs: list[Level]) -> str:
+            return (f"{statistics.median(r.rps for r in runs):.2f} ({statistics.median(r.ttft_p50_ms for r in runs):.0f}; "
+                    f"{sum(r.errors for r in runs)}; {statistics.median(r.cpu_ms for r in runs):.0f})")
+
+        work = statistics.median(r.cpu_ms for r in their_runs) / statistics.median(o.cpu_ms for o in ours_runs)
+        rows.append((f"{level} clients, answered req/s (TTFT p50 ms; errors; CPU ms per request)", cell(ours_runs),
+                     cell(their_runs), f"{statistics.median(ratios):.2f}x (CPU per request {work:.2f}x)",
                      ">= 1.2x at 8 clients" if level == 8 else "ahead (> 1.0x)"))
+        round_lines.append(f"- {level} clients, ours / theirs req/s per round (back to back): "
+                           + ", ".join(f"{o.rps:.2f} / {r.rps:.2f}" for o, r in zip(ours_runs, their_runs, strict=True)))
     lines = [
         "", HEADING, "",
         f"- {utc_now()}; {machine_line(load_start)}; {versions('torch', 'transformers', 'grpc')} (ours); transformers "
@@ -275,11 +321,15 @@ def report(single, chats, levels, args, processor_check, fallback, elapsed, load
         f"- ours: {args.threads} torch thread(s) per model service; "
         f"ivl_tiny default spec, native layout, fp32 CPU; {WIDTH}x{HEIGHT} PNG = 9 tiles; greedy, {args.max_tokens} new "
         f"tokens; new/repeated: {args.rounds} rounds; concurrency: {args.per_client} requests per client, half new images, "
-        "every body built before the clock starts",
+        f"every body built before the clock starts; {args.level_rounds} rounds per level, the servers back to back in "
+        "alternating order: the medians, and the median of the per-round ratios; CPU ms per request = CPU seconds "
+        "of the server's processes and their children (ours: redis, vision + decode workers, LLM, gateway) per "
+        "answered request, which a noisy neighbour does not inflate",
         f"- AutoProcessor in the bench venv: {processor_check}",
         f"- transformers serve fell back to sequential generation (continuous batching is text-only there): {fallback}",
         "- 5-turn chat per turn s: ours " + " / ".join(f"{x:.2f}" for x in chats["ours"]) + "; transformers serve "
         + " / ".join(f"{x:.2f}" for x in chats[t]),
+        *round_lines,
         "",
         *markdown_table(["measurement", "ours", "transformers serve", "ours ahead by", "goal"], rows),
     ]
