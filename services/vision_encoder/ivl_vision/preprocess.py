@@ -21,6 +21,7 @@ from ivl_proto.dtypes import numpy_dtype
 from ivl_proto.errors import ErrorCode, ServingError, invalid
 from ivl_proto.worker_pool import WorkerPool, WorkerPoolConfig, WorkerStopped
 
+from ivl_vision.banded_resize import column_bands
 from ivl_vision.decode_worker import limits_to_task, tiling_to_task
 from ivl_vision.image_io import ImageLimits, decode_image
 from ivl_vision.tiling import RAW, TilePlan, TilingConfig, normalise_tiles, plan_tiles, tile_pixels
@@ -143,9 +144,8 @@ class Preprocessor:
         pixels_count = size[0] * size[1]
         await self._run("tile", task, data, self.sandbox.cpu_budget(pixels_count), "decode", receive, pixels_count)
         pixels = np.empty(shape, dtype=numpy_dtype(self._dtype, "the pixels"))
-        parts = np.array_split(np.arange(plan.num_tiles), min(plan.num_tiles, self.sandbox.threads))
-        await asyncio.gather(*(asyncio.to_thread(normalise_tiles, raw[part[0] : part[-1] + 1], self._dtype,
-                                                 pixels[part[0] : part[-1] + 1]) for part in parts))
+        await asyncio.gather(*(asyncio.to_thread(normalise_tiles, raw[start:stop], self._dtype, pixels[start:stop])
+                               for start, stop in column_bands(plan.num_tiles, self.sandbox.threads)))
         return PreprocessedImage(pixels=pixels, plan=plan)
 
     async def _run(

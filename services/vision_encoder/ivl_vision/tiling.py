@@ -142,6 +142,14 @@ _LUTS: dict[str, np.ndarray] = {
 }
 
 
+def _gather(table: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
+    """out = table[block]; for RAW (the identity table) a plain copy, several times faster than the gather."""
+    if table.dtype == np.uint8:
+        np.copyto(out, block)
+    else:
+        np.take(table, block, out=out, mode="clip")
+
+
 def pixel_storage(dtype: str) -> np.dtype:
     """The numpy storage of tiles in `dtype`: a wire dtype (float32, float16, bfloat16 as uint16) or RAW."""
     return np.dtype(np.uint8) if dtype == RAW else numpy_dtype(dtype, "the pixels")
@@ -153,25 +161,17 @@ def normalise_tiles(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) 
     bytes cross from a decode worker as RAW (uint8) tiles; this gather is then the service's only pass over them."""
     if raw.dtype != np.uint8 or raw.ndim != 4 or raw.shape[1] != 3:
         raise invalid(f"normalise_tiles needs (N, 3, S, S) uint8 tiles, got {raw.dtype} {raw.shape}")
-    lut = _LUTS[dtype] if dtype != RAW else None
-    if lut is None:
+    if dtype == RAW:
         raise invalid("normalise_tiles needs a wire dtype (float32, float16, bfloat16), not the raw format")
+    lut = _LUTS[dtype]
     if out is None:
         out = np.empty(raw.shape, dtype=lut.dtype)
     elif out.shape != raw.shape or out.dtype != lut.dtype:
         raise invalid(f"out must be a {lut.dtype} array of shape {raw.shape}, got {out.dtype} {out.shape}")
     for tile in range(raw.shape[0]):
         for channel in range(3):
-            np.take(lut[channel], raw[tile, channel], out=out[tile, channel], mode="clip")
+            _gather(lut[channel], raw[tile, channel], out[tile, channel])
     return out
-
-
-def _gather(table: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
-    """out = table[block]; for RAW (the identity table) a plain copy, several times faster than the gather."""
-    if table.dtype == np.uint8:
-        np.copyto(out, block)
-    else:
-        np.take(table, block, out=out, mode="clip")
 
 
 def _normalise_into(planes: list[np.ndarray], lut: np.ndarray, out: np.ndarray) -> None:
