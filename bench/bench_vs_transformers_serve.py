@@ -16,8 +16,9 @@ one of 4 repeated images; every request body is built before the clock starts, s
 base64 work neither takes the servers' cores nor stalls the clients' event loop): answered requests/s, TTFT p50
 and CPU ms per answered request (CPU seconds of each server's processes and their children: stable on a shared
 machine, where the wall-clock rate of either server moves with the neighbours), in --level-rounds rounds with the
-two servers back to back in alternating order (medians, and the median of the per-round throughput ratios). Before anything, the bench venv's AutoProcessor
-loads the checkpoint and its pixels are checked equal to our tiling.
+two servers back to back in alternating order (medians, and the median of the per-round throughput ratios).
+Before anything, the bench venv's AutoProcessor loads the checkpoint and its pixels are checked equal to our
+tiling.
 
     bash scripts/setup_bench_venv.sh && .venv/bin/python bench/bench_vs_transformers_serve.py
     .venv/bin/python bench/bench_vs_transformers_serve.py --quick --no-append
@@ -131,7 +132,7 @@ def transformers_serve(model: Path, venv: Path):
             time.sleep(0.5)
         else:
             raise TimeoutError("transformers serve did not answer /v1/models within 300 s")
-        yield Server("transformers serve", f"http://127.0.0.1:{port}", str(model)), process, log
+        yield Server("transformers serve", f"http://127.0.0.1:{port}", str(model), (process.pid,)), process, log
     finally:
         process.terminate()
         try:
@@ -253,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                  vision={"max_queued_tiles": 4096, "torch_threads": args.threads})
         backend.start()
         try:
-            with transformers_serve(model, args.venv) as (theirs, process, log):
-                theirs.pids = (process.pid,)
+            with transformers_serve(model, args.venv) as (theirs, _process, log):
                 served = httpx.get(f"{backend.gateway.http_url}/v1/models", timeout=10).json()["data"][0]["id"]
                 ours_pids = (backend.vision.pid, backend.llm.pid, backend.gateway.pid)
                 if backend.redis is not None and backend.redis.process is not None:
