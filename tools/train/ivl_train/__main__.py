@@ -1,4 +1,4 @@
-"""CLI: python -m ivl_train {train,export,evaluate,examples} ... (see docs/demo_model.md)."""
+"""CLI: python -m ivl_train {train,export,evaluate,examples,probe-copy} ... (see docs/demo_model.md)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,15 @@ def _examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_copy(args: argparse.Namespace) -> int:
+    from ivl_train.copy_probe import ProbeConfig, run_probe
+
+    fields = {k: v for k, v in vars(args).items() if k in ProbeConfig.__dataclass_fields__ and v is not None}
+    history = run_probe(ProbeConfig(**fields), args.log)
+    print(f"final exact match {history[-1]['exact_match']:.1%} after {history[-1]['step']} steps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ivl_train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     examples = sub.add_parser("examples", help="write the UI's example images")
     examples.add_argument("--out", required=True)
     examples.set_defaults(func=_examples)
+
+    probe = sub.add_parser("probe-copy", help="can the LLM learn to copy a word out of ideal visual tokens? (copy_probe.py)")
+    probe.add_argument("--layout", choices=("token", "patch"), default="token",
+                       help="one character per visual token, or one per 28 px patch (two per token)")
+    probe.add_argument("--preset", choices=list(PRESETS))
+    for name, kind in (("steps", int), ("batch", int), ("lr", float), ("noise", float), ("seed", int),
+                       ("threads", int), ("log-every", int)):
+        probe.add_argument(f"--{name}", dest=name.replace("-", "_"), type=kind)
+    probe.add_argument("--log", help="append one JSON line per logged step to this file")
+    probe.set_defaults(func=_probe_copy)
     return parser
 
 
