@@ -39,16 +39,24 @@ def pack(examples: Sequence[Example], pad_id: int, token_budget: int) -> list[Mi
     return [_collate(group, pad_id) for group in groups]
 
 
-def _collate(group: list[Example], pad_id: int) -> MicroBatch:
-    width = max(len(e.input_ids) for e in group)
-    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(group), width), dtype=torch.long)
-    labels = torch.full((len(group), width), IGNORE, dtype=torch.long)
-    for row, example in enumerate(group):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
+def pad_sequences(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels) of each sequence -> right-padded (input_ids, attention_mask, labels), each (B, T)."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(sequences):
+        n = len(ids)
+        input_ids[row, :n] = torch.tensor(ids)
         mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(example.labels)
+        labels[row, :n] = torch.tensor(row_labels)
+    return input_ids, mask, labels
+
+
+def _collate(group: list[Example], pad_id: int) -> MicroBatch:
+    ids, mask, labels = pad_sequences([(e.input_ids, e.labels) for e in group], pad_id)
     pixels = torch.cat([e.pixel_values for e in group])
     return MicroBatch(group, ids, mask, labels, pixels)
 
@@ -84,8 +92,13 @@ def forward_with_features(model: torch.nn.Module, batch: MicroBatch) -> tuple[to
 def loss_and_matches(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, int, list[bool]]:
     """Summed cross-entropy over the label tokens, their count, and per example whether all of its
     last reply's tokens are the argmax (the greedy answer)."""
+    return label_loss_and_matches(logits, batch.labels)
+
+
+def label_loss_and_matches(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, list[bool]]:
+    """loss_and_matches for logits (B, T, V) and labels (B, T) of the same rows."""
     shifted = logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
+    targets = labels[:, 1:]
     loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     count = int((targets != IGNORE).sum())

@@ -26,11 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from ivl_llm.templates import get_template
 
+from ivl_train.batching import label_loss_and_matches, pad_sequences
 from ivl_train.model import TEMPLATE, build_model, demo_spec
-from ivl_train.prompts import IGNORE, Turn, build_sequence
+from ivl_train.prompts import Turn, build_sequence
 from ivl_train.synth import QUESTION_TEXT
 from ivl_train.tokenizer import build_tokenizer
 
@@ -113,28 +113,20 @@ def run_probe(config: ProbeConfig, log_path: str | None = None) -> list[dict[str
         grids = [draw_grid(rng, side) for _ in range(config.batch)]
         sequences = [build_sequence(tokenizer, template, [Turn(QUESTION_TEXT, g.word, 1)], [spec.tokens_per_tile],
                                     None) for g in grids]
-        width = max(len(s.input_ids) for s in sequences)
-        ids = torch.full((len(grids), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(grids), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(grids), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            n = len(sequence.input_ids)
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(sequence.input_ids), torch.tensor(sequence.labels), 1
+        ids, mask, labels = pad_sequences([(s.input_ids, s.labels) for s in sequences], tokenizer.pad_token_id)
         visual = torch.stack([shuffled_tokens(g, codes, config.layout, tokens_side) for g in grids])
         visual = visual + config.noise * torch.randn_like(visual)
         embeds = model.get_input_embeddings()(ids)
         projected = model.model.multi_modal_projector(visual).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter((ids == image_id)[..., None], projected.to(embeds.dtype))
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden)[:, :-1]
-        targets = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+        logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        loss_sum, label_tokens, matches = label_loss_and_matches(logits, labels)
+        loss = loss_sum / label_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            window += (((logits.argmax(-1) == targets) | (targets == IGNORE)).all(1)).tolist()
+        window += matches
         if step % config.log_every == 0 or step == config.steps:
             record = {"step": step, "loss": round(float(loss.detach()), 4), "exact_match": round(sum(window) / len(window), 3),
                       "elapsed_s": round(time.perf_counter() - started, 1)}
