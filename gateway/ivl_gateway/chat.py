@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from ivl_proto.common.v1 import common_pb2
 from ivl_proto.errors import ErrorCode, ServingError
@@ -210,37 +211,45 @@ class ChatService:
             raise ServingError(ErrorCode.UNAVAILABLE, "the LLM service ended the stream without a final message")
 
     async def readiness(self) -> Readiness:
-        """Vision and LLM reachable, each service's replicas agreeing on their model, and compatible (same
+        """Vision and LLM reachable (a replica answers its Info, and the balanced channel that chats take has
+        a connected, SERVING replica), each service's replicas agreeing on their model, and compatible (same
         hidden size); every replica's answer and the Redis state reported."""
-        detail: dict[str, object] = {}
-        ready = True
-        vision_hidden = llm_hidden = None
-        try:
-            vision_info = await self.vision.info(refresh=True)
-            vision_hidden = vision_info.hidden_size
-            detail["vision"] = {"ok": True, "model_id": vision_info.model_id, "fingerprint": vision_info.fingerprint}
-        except ServingError as error:
+        vision_info, vision_detail = await _service_readiness(self.vision)
+        llm_info, llm_detail = await _service_readiness(self.llm)
+        if vision_info is not None:
+            vision_detail.update(model_id=vision_info.model_id, fingerprint=vision_info.fingerprint)
+        if llm_info is not None:
+            llm_detail.update(model_id=llm_info.model_id, context_length=llm_info.context_length)
+        ready = vision_info is not None and llm_info is not None
+        detail: dict[str, object] = {"vision": vision_detail, "llm": llm_detail}
+        if vision_info is not None and llm_info is not None and vision_info.hidden_size != llm_info.hidden_size:
             ready = False
-            detail["vision"] = {"ok": False, "error": error.message}
-        try:
-            llm_info = await self.llm.info(refresh=True)
-            llm_hidden = llm_info.hidden_size
-            detail["llm"] = {"ok": True, "model_id": llm_info.model_id, "context_length": llm_info.context_length}
-        except ServingError as error:
-            ready = False
-            detail["llm"] = {"ok": False, "error": error.message}
-        if vision_hidden is not None and llm_hidden is not None and vision_hidden != llm_hidden:
-            ready = False
-            detail["compatible"] = f"vision width {vision_hidden} != LLM hidden size {llm_hidden}"
+            detail["compatible"] = f"vision width {vision_info.hidden_size} != LLM hidden size {llm_info.hidden_size}"
         else:
             detail["compatible"] = ready
-        detail["vision"]["replicas"] = self.vision.replicas.describe()  # type: ignore[index]
-        detail["llm"]["replicas"] = self.llm.replicas.describe()  # type: ignore[index]
+        vision_detail["replicas"] = self.vision.replicas.describe()
+        llm_detail["replicas"] = self.llm.replicas.describe()
         if self.cache.enabled:
             detail["redis"] = "ok" if await self.cache.ping() else "down (serving uncached)"
         else:
             detail["redis"] = "disabled"
         return Readiness(ready, detail)
+
+
+READY_CONNECT_WAIT_S = 1.0  # /ready waits this long for the balanced channel (an idle one reconnects in ms)
+
+
+async def _service_readiness(client: VisionClient | LLMClient) -> tuple[Any, dict[str, object]]:
+    """(the service's agreed Info, or None when it is not ready; what /ready says about it)."""
+    try:
+        info = await client.info(refresh=True)
+    except ServingError as error:
+        return None, {"ok": False, "error": error.message}
+    if not await client.replicas.wait_connected(READY_CONNECT_WAIT_S):
+        return None, {"ok": False, "error": (
+            f"a {client.name} replica answers its Info, but the channel chats take has no connected, SERVING "
+            f"replica yet (grpc state {client.replicas.channel_state()}; it redials within REPLICA_BACKOFF_S)")}
+    return info, {"ok": True}
 
 
 async def _prepend(

@@ -198,6 +198,37 @@ class ReplicaSet(Generic[InfoT]):
             last = self._states.get(address)
             return ReplicaState(address, last.info if last else None, f"{error.code().name}: {error.details()}")
 
+    def connected(self) -> bool:
+        """The balanced channel has a replica connected and SERVING (grpc's channel state READY) now."""
+        return self.channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """True once the balanced channel is READY, waiting at most `timeout_s` for it."""
+        if self.connected():
+            return True
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def reachable(self) -> bool:
+        """Some replica's own Info channel is connected now (the replica is up, whatever the balanced channel
+        says: each channel redials a replica that was away on its own jittered schedule)."""
+        return any(c.get_state() is grpc.ChannelConnectivity.READY for c in self._info_channels.values())
+
+    async def settle(self) -> None:
+        """Before a call: when the balanced channel has no connected replica but some replica is reachable on
+        its own Info channel, the balanced channel is only waiting out its redial backoff (a replica that came
+        up or back a moment ago): wait for it, at most REPLICA_BACKOFF_S + 1 s, instead of failing the call
+        with UNAVAILABLE at once. When no replica is reachable the call goes ahead and fails fast."""
+        if not self.connected() and self.reachable():
+            await self.wait_connected(self._settings.replica_backoff_s + 1.0)
+
+    def channel_state(self) -> str:
+        """The balanced channel's grpc connectivity state, for /ready."""
+        return str(self.channel.get_state().name)
+
     def _groups(self) -> dict[tuple[tuple[str, object], ...], list[str]]:
         groups: dict[tuple[tuple[str, object], ...], list[str]] = {}
         for state in self.states:

@@ -70,6 +70,7 @@ class ServiceClient(Generic[InfoT]):
 
     async def unary(self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()) -> Any:
         """One unary call on the balanced channel (grpc picks the replica and retries UNAVAILABLE)."""
+        await self.replicas.settle()
         try:
             return await getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)
         except grpc.aio.AioRpcError as error:
@@ -79,6 +80,7 @@ class ServiceClient(Generic[InfoT]):
         self, method: str, request: Message | bytes, timeout: float, metadata: Metadata = ()
     ) -> AsyncIterator[Any]:
         """A server-streaming call; closing the iterator cancels the call downstream."""
+        await self.replicas.settle()
         call = getattr(self.stub, method)(request, timeout=timeout, metadata=tuple(metadata) or None)
         try:
             async for response in call:

@@ -113,7 +113,8 @@ def _kill_and_recover(stack, service: str, during_outage) -> float:
 
 @pytest.mark.slow
 def test_a_killed_vision_service_is_restarted_and_chats_work_again(stack):
-    assert stack.chat("hello", new_png()).status_code == 200
+    first = stack.chat("hello", new_png())
+    assert first.status_code == 200, first.text
 
     def during_outage() -> None:
         started = time.monotonic()

@@ -95,3 +95,41 @@ def test_a_replica_that_starts_after_the_gateway_is_read_at_the_next_round(stack
             assert time.monotonic() - started < 6  # REPLICA_BACKOFF_S 0.2 + DNS_REFRESH_S 0.5 + the read
             assert "fingerprint=" in ready(port).json()["vision"]["replicas"][late]
             assert image_chat(port).status_code == 200
+
+
+
+def test_ready_means_the_channel_chats_take_is_connected(stack, tiny_original):
+    """/ready says 200 only once the balanced channel that chats take has a connected replica, not as soon as
+    the replica's own Info channel answers: the two redial on their own (jittered) schedules, so a stack that
+    started all at once could answer its first image chat with a 503 right after saying it was ready (what
+    the launcher's test once met in CI)."""
+    for _ in range(3):
+        late_port = free_port()
+        with stack.extra_gateway(vision_addresses=[f"127.0.0.1:{late_port}"], dns_refresh_s=0.5) as gateway:
+            port = gateway.ports.http
+            time.sleep(3)  # refused a few times: both channels in backoff (REPLICA_BACKOFF_S 2 s)
+            with vision_server_in_thread(tiny_original, port=late_port, warmup=False):
+                wait_until(lambda p=port: ready(p).status_code == 200, 20, "the gateway to say it is ready")
+                assert gateway.chat_service.vision.replicas.connected()
+                reply = image_chat(port)
+                assert reply.status_code == 200, reply.text
+
+
+def test_a_chat_waits_for_a_replica_that_is_back_instead_of_failing(stack, tiny_original):
+    """A replica that came back a moment ago answers on its own Info channel before the balanced channel has
+    redialed it (up to REPLICA_BACKOFF_S later): an image chat then waits for the balanced channel (at most
+    REPLICA_BACKOFF_S + 1 s) and goes through, instead of a 503."""
+    late_port = free_port()
+    caught_in_backoff = 0  # comebacks where the balanced channel was still waiting to redial (about 1 in 4)
+    with stack.extra_gateway(vision_addresses=[f"127.0.0.1:{late_port}"], dns_refresh_s=0.2) as gateway:
+        replicas = gateway.chat_service.vision.replicas
+        for _ in range(20):
+            time.sleep(2.5)  # away: the balanced channel backs off its redials
+            with vision_server_in_thread(tiny_original, port=late_port, warmup=False):
+                wait_until(replicas.reachable, 20, "the replica's own Info channel to connect")
+                caught_in_backoff += replicas.channel_state() == "TRANSIENT_FAILURE"
+                reply = image_chat(port=gateway.ports.http)
+                assert reply.status_code == 200, reply.text
+            if caught_in_backoff == 2:
+                break
+    assert caught_in_backoff >= 1, "the balanced channel was never caught redialing: the test proved nothing"
