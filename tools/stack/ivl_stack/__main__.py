@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--backend", choices=["transformers", "lmdeploy"], help="LLM backend")
     add("--device", choices=["cpu", "cuda"], help="device of both model services")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of both model services")
+    add("--torch-threads", type=int,
+        help="torch threads of each model service (default: torch's, every core)")
     add("--trust-remote-code", action="store_true", default=None, help="needed by real InternLM2 tokenizers")
     add("--share", action="store_true", default=None, help="public gradio.live link (needs internet)")
     add("--auth", help="protect the UI with user:password")

@@ -28,6 +28,11 @@ def _env(base: Mapping[str, str], **values: object) -> dict[str, str]:
     return env
 
 
+def _unless_set(base: Mapping[str, str], name: str, value: object) -> object:
+    """`value`, unless the environment already sets `name` (a service's own variable wins)."""
+    return None if name in base else value
+
+
 def redis_spec(settings: StackSettings, base_env: Mapping[str, str]) -> ServiceSpec:
     binary = shutil.which(settings.redis_server)
     if binary is None:
@@ -50,13 +55,22 @@ def model_specs(settings: StackSettings, model_path: Path, base_env: Mapping[str
     host = settings.internal_host
     token = settings.internal_token
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
+    threads = settings.torch_threads
+    # Both services' torch threads take every core by default, and OpenMP's threads spin for a while after each
+    # parallel region: a service's spinning threads then take the cores the other service needs (8 clients,
+    # bench/bench_stack_threads.py). PASSIVE makes them sleep at once; one request alone is as fast.
+    wait_policy = _unless_set(base_env, "OMP_WAIT_POLICY", settings.omp_wait_policy or None)
     vision_env = _env(base_env, IVL_VISION_MODEL_PATH=model_path, IVL_VISION_HOST=host,
                       IVL_VISION_PORT=settings.vision_port, IVL_VISION_DEVICE=device, IVL_VISION_DTYPE=dtype,
-                      IVL_VISION_AUTH_TOKEN=token, IVL_VISION_METRICS_PORT=settings.vision_metrics_port)
+                      IVL_VISION_AUTH_TOKEN=token, IVL_VISION_METRICS_PORT=settings.vision_metrics_port,
+                      IVL_VISION_TORCH_THREADS=_unless_set(base_env, "IVL_VISION_TORCH_THREADS", threads),
+                      OMP_WAIT_POLICY=wait_policy)
     llm_env = _env(base_env, IVL_LLM_MODEL_PATH=model_path, IVL_LLM_HOST=host, IVL_LLM_PORT=settings.llm_port,
                    IVL_LLM_AUTH_TOKEN=token, IVL_LLM_METRICS_PORT=settings.llm_metrics_port,
                    IVL_LLM_DEVICE=device, IVL_LLM_DTYPE=dtype, IVL_LLM_BACKEND=settings.resolved_backend(),
-                   IVL_LLM_TRUST_REMOTE_CODE="true" if settings.trust_remote_code else None)
+                   IVL_LLM_TRUST_REMOTE_CODE="true" if settings.trust_remote_code else None,
+                   IVL_LLM_TORCH_THREADS=_unless_set(base_env, "IVL_LLM_TORCH_THREADS", threads),
+                   OMP_WAIT_POLICY=wait_policy)
     vision_addr, llm_addr = f"{host}:{settings.vision_port}", f"{host}:{settings.llm_port}"
     return [
         ServiceSpec("vision", [sys.executable, "-m", "ivl_vision"], vision_env, grpc_health_probe(vision_addr),

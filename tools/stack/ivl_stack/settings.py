@@ -54,6 +54,12 @@ class StackSettings(BaseSettings):
     device: Literal["cpu", "cuda"] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     trust_remote_code: bool = False
+    # torch intra-op threads of each model service; None = torch's default (every core: one request alone runs
+    # fastest so; the two services share the cores without spinning, see model_specs).
+    torch_threads: int | None = Field(None, ge=1)
+    # OMP_WAIT_POLICY of both model services (an OMP_WAIT_POLICY in the environment wins); "" = OpenMP's own
+    # default (spin a while after each parallel region).
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE", ""] = "PASSIVE"
     # UI options passed on to ivl_frontend.
     share: bool = False
     auth: str = ""
