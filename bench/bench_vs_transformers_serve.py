@@ -5,7 +5,8 @@ OpenAI chat API, streaming, greedy, 8 new tokens, 1280x720 PNG images (max_tiles
 9 tiles on both sides: GotOcr2 crop_to_patches = InternVL's tiling):
 - ours: redis-server + `python -m ivl_vision` + `python -m ivl_llm` + `python -m ivl_gateway`, one process each,
   `--threads` torch threads per model service (1: the 2 cores split between them; 2: all cores each, what
-  torch's default gives here and so how `scripts/run_stack.sh` runs them), the LLM with 4 slots;
+  torch's default gives here and so how `scripts/run_stack.sh` runs them) and `--omp-wait-policy` (PASSIVE, as
+  the launcher sets it, unless told otherwise), the LLM with 4 slots;
 - theirs: `transformers serve <checkpoint> --continuous-batching --device cpu` from the benchmark-only venv
   (scripts/setup_bench_venv.sh: torch 2.14.1 + torchvision 0.29.1, which .venv's CPU torch cannot have), torch's
   default threads. transformers 5.23 falls back to sequential generation for image-text models even with
@@ -228,6 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each model service (the launcher leaves torch's default: the cores)")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY of our model services (the launcher's default: PASSIVE; 'default' = "
+                             "OpenMP's own); transformers serve runs with OpenMP's default, as its users run it")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
@@ -251,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         processor_check = check_autoprocessor(model, args.venv, tmp)
         print(processor_check, flush=True)
         backend = ProcessBackend(model, llm={"max_concurrency": 4, "max_queue": 256, "torch_threads": args.threads},
-                                 vision={"max_queued_tiles": 4096, "torch_threads": args.threads})
+                                 vision={"max_queued_tiles": 4096, "torch_threads": args.threads},
+                                 model_env={} if args.omp_wait_policy == "default"
+                                 else {"OMP_WAIT_POLICY": args.omp_wait_policy})
         backend.start()
         try:
             with transformers_serve(model, args.venv) as (theirs, _process, log):
@@ -318,7 +324,7 @@ def report(single, chats, levels, args, processor_check, fallback, elapsed, load
         f"- {utc_now()}; {machine_line(load_start)}; {versions('torch', 'transformers', 'grpc')} (ours); transformers "
         "serve in the bench venv (torch 2.14.1, torchvision 0.29.1)",
         f"- command: {command_line('bench_vs_transformers_serve.py', args.argv)} ({elapsed:.0f} s)",
-        f"- ours: {args.threads} torch thread(s) per model service; "
+        f"- ours: {args.threads} torch thread(s) per model service, OMP_WAIT_POLICY {args.omp_wait_policy}; "
         f"ivl_tiny default spec, native layout, fp32 CPU; {WIDTH}x{HEIGHT} PNG = 9 tiles; greedy, {args.max_tokens} new "
         f"tokens; new/repeated: {args.rounds} rounds; concurrency: {args.per_client} requests per client, half new images, "
         f"every body built before the clock starts; {args.level_rounds} rounds per level, the servers back to back in "

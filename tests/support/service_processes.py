@@ -243,7 +243,9 @@ class ProcessBackend:
         vision_replicas: int = 1,
         llm_replicas: int = 1,
         vision_at: list[tuple[str, int]] | None = None,
+        model_env: dict[str, str] | None = None,
     ) -> None:
+        self._model_env = model_env or {}  # plain variables of the vision and LLM processes (e.g. OMP_WAIT_POLICY)
         self.redis: RedisServer | None = RedisServer(maxmemory="128mb") if redis else None
         self._model_path = model_path
         self._llm_model_path = llm_model_path or model_path
@@ -265,7 +267,7 @@ class ProcessBackend:
         return ServiceProcess(name or f"vision-{host}-{port}", "ivl_vision", _env("IVL_VISION_", {
             "model_path": self._model_path, "host": host, "port": port, "torch_threads": 1,
             "warmup": False, "grace_s": 0.5, **self._vision_overrides, **overrides,
-        }), port, host)
+        }) | self._model_env, port, host)
 
     def new_llm(
         self, host: str = "127.0.0.1", port: int | None = None, name: str = "", **overrides: Any
@@ -275,7 +277,7 @@ class ProcessBackend:
         return ServiceProcess(name or f"llm-{host}-{port}", "ivl_llm", _env("IVL_LLM_", {
             "model_path": self._llm_model_path, "host": host, "port": port,
             "torch_threads": 1, "warmup": False, "grace_s": 0.5, **self._llm_overrides, **overrides,
-        }), port, host)
+        }) | self._model_env, port, host)
 
     def new_gateway(self, **overrides: Any) -> GatewayProcess:
         """A gateway process (not started) in front of this backend's services: the backend's gateway
