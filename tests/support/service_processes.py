@@ -199,13 +199,20 @@ class GatewayProcess(ServiceProcess):
         import httpx
 
         start = time.monotonic()
+        last = "no answer yet"
         while time.monotonic() - start < timeout_s:
             self._check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.http_url}/ready", timeout=5).status_code == 200:
+            try:
+                response = httpx.get(f"{self.http_url}/ready", timeout=5)
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
                     return time.monotonic() - start
+                last = f"{response.status_code} {response.text[:2000]}"
             time.sleep(0.1)
-        raise TimeoutError(f"the gateway was not ready within {timeout_s} s")
+        raise TimeoutError(f"the gateway was not ready within {timeout_s} s; /ready said: {last}\n"
+                           f"its log ends with:\n{self.log_text()[-3000:]}")
 
     def ready(self) -> tuple[int, dict[str, Any]]:
         import httpx
