@@ -37,9 +37,7 @@ from bench_vs_transformers_serve import (
     Level,
     Server,
     concurrent,
-    five_turns,
-    new_and_repeated,
-    user,
+    single_client,
 )
 from benchlib import (
     add_paths,
@@ -137,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         model = write_tiny_checkpoint(tmp / "ivl-tiny-native", TinySpec(), layout="native")
         servers = [stacks.enter_context(launcher(model, config, tmp)) for config in args.stacks]
-        for server in servers:  # warm-up: first requests load lazily built state
-            for i in range(2):
-                asyncio.run(server.chat([user("hi", unique_png(800_000 + i, WIDTH, HEIGHT))], args.max_tokens))
-        single = asyncio.run(new_and_repeated(servers, args.rounds, args.max_tokens))
-        chats = {s.name: asyncio.run(five_turns(s, 700_000 + k, args.max_tokens)) for k, s in enumerate(servers)}
+        single, chats = single_client(servers, args.rounds, args.max_tokens)
         repeated = [unique_png(600_000 + i, WIDTH, HEIGHT) for i in range(4)]
         levels: dict[str, list[Level]] = {s.name: [] for s in servers}
         for round_index in range(args.level_rounds):

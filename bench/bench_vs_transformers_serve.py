@@ -187,6 +187,17 @@ async def five_turns(server: Server, seed: int, max_tokens: int) -> list[float]:
     return times
 
 
+def single_client(servers: list[Server], rounds: int, max_tokens: int) -> tuple[dict, dict[str, list[float]]]:
+    """A warm-up (first requests load lazily built state), then new/repeated image TTFT alternating between the
+    servers, then a 5-turn chat on each."""
+    for server in servers:
+        for i in range(2):
+            asyncio.run(server.chat([user("hi", unique_png(800_000 + i, WIDTH, HEIGHT))], max_tokens))
+    single = asyncio.run(new_and_repeated(servers, rounds, max_tokens))
+    chats = {s.name: asyncio.run(five_turns(s, 700_000 + k, max_tokens)) for k, s in enumerate(servers)}
+    return single, chats
+
+
 @dataclass(frozen=True)
 class Level:
     """One server's run of one concurrency level."""
@@ -268,11 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 # any other model name is a 404, as OpenAI's
                 ours = Server("ours", backend.gateway.http_url, served, ours_pids)
                 servers = [ours, theirs]
-                for server in servers:  # warm-up: first requests load lazily built state
-                    for i in range(2):
-                        asyncio.run(server.chat([user("hi", unique_png(800_000 + i, WIDTH, HEIGHT))], args.max_tokens))
-                single = asyncio.run(new_and_repeated(servers, args.rounds, args.max_tokens))
-                chats = {s.name: asyncio.run(five_turns(s, 700_000 + k, args.max_tokens)) for k, s in enumerate(servers)}
+                single, chats = single_client(servers, args.rounds, args.max_tokens)
                 repeated = [unique_png(600_000 + i, WIDTH, HEIGHT) for i in range(4)]
                 levels: dict[tuple[str, int], list[Level]] = {}
                 for level in args.levels:

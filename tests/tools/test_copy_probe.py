@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from ivl_train.copy_probe import ALPHABET, NONE, ProbeConfig, draw_grid, run_probe, shuffled_tokens
+from ivl_train.model import demo_spec
 
 
 def test_the_word_sits_in_consecutive_cells_of_one_row():
@@ -54,3 +56,23 @@ def test_a_short_run_trains_and_logs(tmp_path):
 def test_an_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="unknown layout 'rows'"):
         ProbeConfig(layout="rows")
+
+
+def test_patch_layout_at_ratio_one_is_one_patch_per_token():
+    grid = draw_grid(random.Random(5), 16)
+    codes = torch.randn(len(ALPHABET) + 1, 5)
+    tokens = shuffled_tokens(grid, codes, "patch", 16, fold=1)
+    assert tokens.shape == (256, 5)
+    assert torch.equal(tokens, shuffled_tokens(grid, codes, "token", 16))
+
+
+def test_a_run_at_ratio_one_feeds_256_tokens_per_tile():
+    assert replace(demo_spec("smoke"), downsample_ratio=1.0).tokens_per_tile == 256  # what the sequences hold
+    history = run_probe(ProbeConfig(preset="smoke", steps=4, batch=2, warmup=2, threads=1, log_every=2,
+                                    downsample_ratio=1.0))
+    assert [r["step"] for r in history] == [2, 4] and all(r["loss"] > 0 for r in history)
+
+
+def test_a_ratio_that_does_not_fold_the_grid_is_refused():
+    with pytest.raises(ValueError, match=r"downsample_ratio 0\.3 is not"):
+        ProbeConfig(downsample_ratio=0.3)

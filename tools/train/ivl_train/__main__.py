@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one character per visual token, or one per 28 px patch (two per token)")
     probe.add_argument("--preset", choices=list(PRESETS))
     for name, kind in (("steps", int), ("batch", int), ("lr", float), ("noise", float), ("seed", int),
-                       ("threads", int), ("log-every", int)):
+                       ("threads", int), ("log-every", int), ("downsample-ratio", float)):
         probe.add_argument(f"--{name}", dest=name.replace("-", "_"), type=kind)
     probe.add_argument("--log", help="append one JSON line per logged step to this file")
     probe.set_defaults(func=_probe_copy)

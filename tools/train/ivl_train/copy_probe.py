@@ -15,6 +15,10 @@ shuffle:
   and each patch is a fixed random code of its character. This is what text about one patch wide
   per letter gives.
 Codes get Gaussian noise (`noise` x their own scale) so that no two tokens are identical.
+
+`downsample_ratio` is the model's (0.5, InternVL's own: 8x8 = 64 tokens per tile of 16x16 28 px patches; 1.0:
+pixel shuffle folds nothing, 16x16 = 256 tokens per tile, each one 28 px patch, the geometry 14 px patches
+with ratio 0.5 would also give).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import random
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from ivl_llm.templates import get_template
@@ -51,10 +55,13 @@ class ProbeConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 100
+    downsample_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        if self.downsample_ratio not in (0.25, 0.5, 1.0):
+            raise ValueError(f"downsample_ratio {self.downsample_ratio} is not one of 0.25, 0.5, 1.0")
 
 
 @dataclass(frozen=True)
@@ -73,18 +80,19 @@ def draw_grid(rng: random.Random, side: int) -> ProbeGrid:
     return ProbeGrid(word, cells)
 
 
-def shuffled_tokens(grid: ProbeGrid, codes: torch.Tensor, layout: str, tokens_side: int) -> torch.Tensor:
+def shuffled_tokens(grid: ProbeGrid, codes: torch.Tensor, layout: str, tokens_side: int, fold: int = 2) -> torch.Tensor:
     """(tokens_side**2, shuffled width): the visual tokens pixel shuffle would hand to mlp1.
 
     "token": grid cells are visual tokens, codes (alphabet + 1, shuffled width).
-    "patch": grid cells are patches (2 x tokens_side per side), codes (alphabet + 1, patch width); each token
-    joins its 2x2 patches (top left, top right, bottom left, bottom right)."""
+    "patch": grid cells are patches (fold x tokens_side per side, fold = 1 / downsample_ratio), codes (alphabet
+    + 1, patch width); each token joins its fold x fold patches row by row (2 x 2: top left, top right, bottom
+    left, bottom right)."""
     if layout == "token":
         return codes[grid.cells.reshape(-1)]
     width = codes.shape[1]
-    patches = codes[grid.cells]  # (2 x tokens_side, 2 x tokens_side, width)
-    quads = patches.reshape(tokens_side, 2, tokens_side, 2, width).permute(0, 2, 1, 3, 4)
-    return quads.reshape(tokens_side * tokens_side, 4 * width)
+    patches = codes[grid.cells]  # (fold x tokens_side, fold x tokens_side, width)
+    blocks = patches.reshape(tokens_side, fold, tokens_side, fold, width).permute(0, 2, 1, 3, 4)
+    return blocks.reshape(tokens_side * tokens_side, fold * fold * width)
 
 
 def run_probe(config: ProbeConfig, log_path: str | None = None) -> list[dict[str, float]]:
@@ -93,12 +101,14 @@ def run_probe(config: ProbeConfig, log_path: str | None = None) -> list[dict[str
     rng = random.Random(f"ivl-copy-probe:{config.seed}")
     tokenizer = build_tokenizer()
     template = get_template(TEMPLATE)
-    spec = demo_spec(config.preset, config.seed)
+    spec = replace(demo_spec(config.preset, config.seed), downsample_ratio=config.downsample_ratio)
     model = build_model(spec, tokenizer)
     model.train()
     tokens_side = round(spec.tokens_per_tile**0.5)
-    shuffled_width = 4 * spec.vision_hidden
-    side, code_width = (tokens_side, shuffled_width) if config.layout == "token" else (2 * tokens_side, spec.vision_hidden)
+    fold = round(1 / config.downsample_ratio)
+    shuffled_width = fold * fold * spec.vision_hidden
+    side, code_width = ((tokens_side, shuffled_width) if config.layout == "token"
+                        else (fold * tokens_side, spec.vision_hidden))
     codes = torch.randn(len(ALPHABET) + 1, code_width, generator=torch.Generator().manual_seed(config.seed))
     image_id = model.config.image_token_id
     trained = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
@@ -114,7 +124,7 @@ def run_probe(config: ProbeConfig, log_path: str | None = None) -> list[dict[str
         sequences = [build_sequence(tokenizer, template, [Turn(QUESTION_TEXT, g.word, 1)], [spec.tokens_per_tile],
                                     None) for g in grids]
         ids, mask, labels = pad_sequences([(s.input_ids, s.labels) for s in sequences], tokenizer.pad_token_id)
-        visual = torch.stack([shuffled_tokens(g, codes, config.layout, tokens_side) for g in grids])
+        visual = torch.stack([shuffled_tokens(g, codes, config.layout, tokens_side, fold) for g in grids])
         visual = visual + config.noise * torch.randn_like(visual)
         embeds = model.get_input_embeddings()(ids)
         projected = model.model.multi_modal_projector(visual).reshape(-1, embeds.shape[-1])
