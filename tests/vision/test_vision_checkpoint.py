@@ -100,6 +100,24 @@ def test_native_encoder_matches_transformers_full_model(tiny_native: Path) -> No
     assert (load_vision_encoder(tiny_native).encode(x) - expected).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize(("ratio", "tokens"), [(1.0, 1024), (0.25, 64)])
+def test_other_downsample_ratios_match_transformers_full_model(tiny_ckpt_factory, ratio: float, tokens: int) -> None:
+    """pixel shuffle that folds nothing (1.0: every patch a token) or 4x4 patches (0.25), as transformers does it;
+    both layouts; the token count per tile follows the ratio."""
+    native = tiny_ckpt_factory("native", downsample_ratio=ratio)
+    model = InternVLForConditionalGeneration.from_pretrained(native, dtype=torch.float32)
+    x = pixels(1, seed=4)
+    with torch.inference_mode():
+        expected = model.model.get_image_features(pixel_values=x, vision_feature_layer=-1,
+                                                  vision_feature_select_strategy="default").pooler_output
+    for folder in (native, tiny_ckpt_factory("original", downsample_ratio=ratio)):
+        encoder = load_vision_encoder(folder)
+        assert encoder.info.tokens_per_tile == tokens and encoder.info.downsample_ratio == ratio
+        got = encoder.encode(x)
+        assert got.shape == expected.shape == (1, tokens, 64)
+        assert (got - expected).abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize(("vision", "ps_version"), [("300m", "v2"), ("6b", "v2"), ("6b", "v1"), ("300m", "v1")])
 def test_original_layout_matches_a_plain_torch_internvit(tiny_ckpt_factory, vision: str, ps_version: str) -> None:
     folder = tiny_ckpt_factory("original", vision=vision, ps_version=ps_version)
