@@ -58,7 +58,7 @@ def model_specs(settings: StackSettings, model_path: Path, base_env: Mapping[str
     threads = settings.torch_threads
     # Both services' torch threads take every core by default, and OpenMP's threads spin for a while after each
     # parallel region: a service's spinning threads then take the cores the other service needs (8 clients,
-    # bench/bench_stack_threads.py). PASSIVE makes them sleep at once; one request alone is as fast.
+    # bench/bench_stack_threads.py). PASSIVE makes them sleep at once; a new image alone is as fast there.
     wait_policy = _unless_set(base_env, "OMP_WAIT_POLICY", settings.omp_wait_policy or None)
     vision_env = _env(base_env, IVL_VISION_MODEL_PATH=model_path, IVL_VISION_HOST=host,
                       IVL_VISION_PORT=settings.vision_port, IVL_VISION_DEVICE=device, IVL_VISION_DTYPE=dtype,
