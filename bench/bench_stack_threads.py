@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from bench_vs_transformers_serve import (
     HEIGHT,
     WIDTH,
@@ -51,12 +48,10 @@ from benchlib import (
 )
 
 add_paths("tests")
+from support.launcher_process import LauncherProcess  # noqa: E402
 from support.load_client import unique_png  # noqa: E402
-from support.redis_server import free_port  # noqa: E402
 
 HEADING = "## The launcher's torch threads per model service (bench/bench_stack_threads.py)"
-PORT_FLAGS = ("--ui-port", "--http-port", "--grpc-port", "--vision-port", "--llm-port", "--redis-port",
-              "--metrics-port", "--vision-metrics-port", "--llm-metrics-port")
 
 
 @dataclass(frozen=True)
@@ -78,35 +73,16 @@ class StackConfig:
 @contextlib.contextmanager
 def launcher(model: Path, config: StackConfig, tmp: Path) -> Iterator[Server]:
     """`python -m ivl_stack` on free ports as `config` says, ready; stopped (SIGTERM) afterwards."""
-    folder = Path(tempfile.mkdtemp(dir=tmp))
-    ready_file, log = folder / "ready.json", folder / "stack.log"
-    argv = [sys.executable, "-m", "ivl_stack", "--no-ui", "--model-path", str(model), "--ready-file", str(ready_file),
-            "--cache-dir", str(folder / "cache")]
-    if config.threads is not None:
-        argv += ["--torch-threads", str(config.threads)]
-    for flag in PORT_FLAGS:
-        argv += [flag, str(free_port())]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVL_", "MODEL_PATH", "OMP_"))}
-    env.update(PYTHONUNBUFFERED="1", HOME=str(folder), IVL_STACK_OMP_WAIT_POLICY=config.wait_policy)
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    extra = ["--torch-threads", str(config.threads)] if config.threads is not None else []
+    stack = LauncherProcess(Path(tempfile.mkdtemp(dir=tmp)), model, *extra, pin_services=False,
+                            env={"IVL_STACK_OMP_WAIT_POLICY": config.wait_policy}).start()
     try:
-        deadline = time.monotonic() + 600
-        while not ready_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the stack {config.name} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        ready = json.loads(ready_file.read_text())
-        url = ready["http"]
-        model_id = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        pids = tuple(int(ready["pids"][name]) for name in ("redis", "vision", "llm", "gateway"))
-        yield Server(config.name, url, model_id, pids)
+        stack.wait_ready(timeout_s=600)
+        pids = tuple(stack.pids()[name] for name in ("redis", "vision", "llm", "gateway"))
+        yield Server(config.name, stack.http_url, stack.served_model(), pids)
     finally:
-        process.send_signal(signal.SIGTERM)  # as Ctrl-C; SIGINT is ignored by a background job's children
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stack.signal(signal.SIGTERM)  # as Ctrl-C; SIGINT is ignored by a background job's children
+        stack.stop()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -57,17 +57,23 @@ def _pgid(pid: int) -> int:
         return -1
 
 
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
+def clean_env(home: Path, pin_services: bool = True, **extra: str) -> dict[str, str]:
+    """This environment without IVL_*/MODEL_PATH variables. pin_services: the model services get 1 torch thread
+    and no warm-up (light tests); False leaves threads, warm-up and OpenMP (no OMP_* variable) to the launcher (benchmarks)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IVL_", "MODEL_PATH"))}
-    env.update(PYTHONUNBUFFERED="1", IVL_VISION_TORCH_THREADS="1", IVL_LLM_TORCH_THREADS="1",
-               IVL_VISION_WARMUP="false", IVL_LLM_WARMUP="false", HOME=str(home))
+    env.update(PYTHONUNBUFFERED="1", HOME=str(home))
+    if pin_services:
+        env.update(IVL_VISION_TORCH_THREADS="1", IVL_LLM_TORCH_THREADS="1", IVL_VISION_WARMUP="false",
+                   IVL_LLM_WARMUP="false")
+    else:
+        env = {k: v for k, v in env.items() if not k.startswith("OMP_")}
     env.update(extra)
     return env
 
 
 class LauncherProcess:
     def __init__(self, tmp_path: Path, model_path: Path | None, *extra_args: str, env: dict[str, str] | None = None,
-                 no_ui: bool = True) -> None:
+                 no_ui: bool = True, pin_services: bool = True) -> None:
         self.ports = {name: free_port() for name in SERVICES}
         self.ready_file = tmp_path / "ready.json"
         self.log_path = tmp_path / "stack.log"
@@ -80,7 +86,7 @@ class LauncherProcess:
         if no_ui:
             argv.append("--no-ui")
         self.argv = [*argv, *extra_args]
-        self.env = clean_env(tmp_path, **(env or {}))
+        self.env = clean_env(tmp_path, pin_services, **(env or {}))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
