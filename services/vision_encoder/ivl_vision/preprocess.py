@@ -65,14 +65,15 @@ class SandboxLimits:
 
 def preprocess_trusted(
     data: bytes, config: TilingConfig, limits: ImageLimits, dtype: str = "float32",
-    executor: Executor | None = None, threads: int = 1,
+    executor: Executor | None = None, threads: int = 1, kernel: bool = True,
 ) -> PreprocessedImage:
     """Decode, plan and tile in the calling thread (the resizes on `executor`'s threads when given), without
-    the sandbox: for trusted input only (the ivl-plan CLI, benchmarks, tests, training data made here)."""
+    the sandbox: for trusted input only (the ivl-plan CLI, benchmarks, tests, training data made here).
+    `kernel=False` resizes with Pillow instead of the exact kernel (the same pixels; for benchmarks)."""
     image = decode_image(data, limits)
     plan = plan_tiles(image.width, image.height, config)
-    return PreprocessedImage(pixels=tile_pixels(image, plan, config, dtype, executor=executor, threads=threads),
-                             plan=plan)
+    pixels = tile_pixels(image, plan, config, dtype, executor=executor, threads=threads, kernel=kernel)
+    return PreprocessedImage(pixels=pixels, plan=plan)
 
 
 def _gib(size: int) -> str:

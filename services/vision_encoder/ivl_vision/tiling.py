@@ -8,6 +8,7 @@ normalised (num_tiles, 3, S, S) array the vision tower takes. See docs/tiling.md
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,7 @@ from ivl_proto.tiling_limits import check_tile_counts
 from PIL import Image
 
 from ivl_vision.banded_resize import BandPlan, bandable, column_bands, finish_columns, start_rows
+from ivl_vision.exact_resize import ExactResize, exact_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -234,6 +236,58 @@ def _tile_in_bands(
         future.result()
 
 
+def _run(executor: Executor | None, tasks: list[Callable[[], None]]) -> None:
+    """Run `tasks` on `executor` and wait for all of them (inline, in order, without one)."""
+    if executor is None:
+        for task in tasks:
+            task()
+        return
+    for future in [executor.submit(task) for task in tasks]:
+        future.result()
+
+
+def _tile_with_kernel(
+    pixels: np.ndarray, plan: TilePlan, size: int, lut: np.ndarray, out: np.ndarray, resizer: ExactResize,
+    executor: Executor | None, threads: int,
+) -> None:
+    """tile_pixels' resizes by the exact kernel (ivl_vision.exact_resize) on the (H, W, 3) pixels: the horizontal
+    passes of the grid and the thumbnail by bands of source rows, then the vertical passes by column bands (a tile
+    column each where the grid has enough), each band normalised into its tiles in the same thread. Serial without
+    an executor."""
+    height, width = pixels.shape[:2]
+    sizes = [(plan.resize_width, plan.resize_height)] + ([(size, size)] if plan.has_thumbnail else [])
+    middles = [pixels if w == width else np.empty((height, w, 3), np.uint8) for w, _ in sizes]
+    pieces = 1 if executor is None else max(1, threads)
+
+    def widen(rows: tuple[int, int]) -> None:
+        for middle in middles:
+            if middle is not pixels:
+                resizer.horizontal(pixels, rows, middle)
+
+    _run(executor, [functools.partial(widen, rows) for rows in column_bands(height, 2 * pieces if pieces > 1 else 1)])
+    grid_planes = np.empty((3, plan.resize_height, plan.resize_width), np.uint8)
+    grid = out[: plan.grid_tiles]
+
+    def finish_grid(columns: tuple[int, int]) -> None:
+        resizer.vertical(middles[0], columns, grid_planes)
+        left, right = columns
+        _normalise_columns([plane[:, left:right] for plane in grid_planes], lut, grid, left, plan.grid_cols)
+
+    tasks: list[Callable[[], None]] = [
+        functools.partial(finish_grid, columns)
+        for columns in column_bands(plan.resize_width, max(pieces, plan.grid_cols) if pieces > 1 else 1, align=size)
+    ]
+    if plan.has_thumbnail:
+
+        def finish_thumbnail() -> None:
+            thumbnail_planes = np.empty((3, size, size), np.uint8)
+            resizer.vertical(middles[1], (0, size), thumbnail_planes)
+            _normalise_into(list(thumbnail_planes), lut, out[plan.grid_tiles :])
+
+        tasks.append(finish_thumbnail)
+    _run(executor, tasks)
+
+
 def tile_pixels(
     image: Image.Image,
     plan: TilePlan,
@@ -242,6 +296,7 @@ def tile_pixels(
     out: np.ndarray | None = None,
     executor: Executor | None = None,
     threads: int = 1,
+    kernel: bool = True,
 ) -> np.ndarray:
     """Normalised tiles (num_tiles, 3, S, S): grid tiles row-major, then the thumbnail.
 
@@ -249,7 +304,8 @@ def tile_pixels(
     256-entry table (bit-identical to ToTensor + Normalize in float32); float16 / bfloat16 are the
     float32 values rounded to nearest even (bfloat16 as uint16 bit patterns); RAW ("uint8") keeps the resized
     RGB values, for normalise_tiles to finish. With an `executor` and threads > 1 the resizes and gathers run in
-    bands on its threads, with the same pixels.
+    bands on its threads, with the same pixels. The resizes are the exact kernel's (ivl_vision.exact_resize) where
+    it is built and `kernel` is true, Pillow's own otherwise: the same pixels either way.
     """
     if image.mode != "RGB":
         raise invalid(f"tile_pixels needs an RGB image, got mode {image.mode}")
@@ -269,7 +325,14 @@ def tile_pixels(
             f"out must be a C-contiguous {lut.dtype} array of shape {shape}, got {out.dtype} {out.shape}"
         )
     targets = [(plan.resize_width, plan.resize_height)] + ([(size, size)] if plan.has_thumbnail else [])
-    if executor is not None and threads > 1 and all(bandable(image.size, t) for t in targets):
+    in_order = all(bandable(image.size, target) for target in targets)
+    resizer = exact_resize() if kernel and in_order else None
+    parallel = executor is not None and threads > 1
+    if resizer is not None:
+        _tile_with_kernel(np.asarray(image), plan, size, lut, out, resizer, executor if parallel else None, threads)
+        return out
+    if parallel and in_order:
+        assert executor is not None
         _tile_in_bands(image, plan, size, lut, out, executor, threads)
         return out
     resized = image.resize((plan.resize_width, plan.resize_height), Image.Resampling.BICUBIC)
