@@ -20,6 +20,11 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSerif-Bold.ttf ] || need_apt+=(fonts-dejavu-core)
 [ -f /usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf ] || need_apt+=(fonts-liberation)
 [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need_apt+=(fonts-wqy-microhei)
+# gcc builds the vision service's bit-exact resize kernel (ivl_vision/_exact_resize.c) at install time.
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+PY="${PYTHON:-python3}"
+"$PY" -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need_apt+=(python3-dev)
 if [ "${IVL_SKIP_BROWSER:-0}" != "1" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
@@ -30,12 +35,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 stamp=.venv/.ivl-installed
 inputs=$(cat constraints.txt proto/pyproject.toml services/*/pyproject.toml gateway/pyproject.toml \
-  frontend/pyproject.toml tools/*/pyproject.toml requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  frontend/pyproject.toml tools/*/pyproject.toml requirements-dev.txt services/*/*/*.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   echo "installing Python packages into .venv (first run takes a few minutes)"
   $VPY -m pip install -q --disable-pip-version-check -c constraints.txt grpcio-tools
