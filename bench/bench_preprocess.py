@@ -152,9 +152,15 @@ def methods(data: bytes, max_tiles: int, tile_threads: dict[int, ThreadPoolExecu
                                                                 threads=n).pixels)
         for n, pool in tile_threads.items()
     }
+    pillow = {
+        f"Pillow{suffix}": (lambda n=n, pool=pool: preprocess_trusted(data, config, ImageLimits(), executor=pool,
+                                                                    threads=n, kernel=False).pixels)
+        for suffix, n, pool in [("", 1, None), *((f" x{n}", n, pool) for n, pool in tile_threads.items())]
+    }
     return {
         "ours": lambda: preprocess_trusted(data, config, ImageLimits()).pixels,
         **threaded,
+        **pillow,
         "reference": lambda: reference_pixels(decoded(), 1, max_tiles).numpy(),
         "GotOcr2": lambda: got_ocr2(images=decoded(), return_tensors="np")["pixel_values"],
         "floor": floor,
@@ -276,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = methods(data, max_tiles, tile_pools)
             ours, reference = runs["ours"](), runs["reference"]()
             assert isinstance(ours, np.ndarray) and isinstance(reference, np.ndarray)
-            for n in args.tile_threads:  # the banded path must give the same pixels
+            for n in args.tile_threads:  # the banded paths and Pillow's resize must give the same pixels
                 assert np.array_equal(runs[f"ours x{n}"](), ours)
+                assert np.array_equal(runs[f"Pillow x{n}"](), ours)
+            assert np.array_equal(runs["Pillow"](), ours)
             got = runs["GotOcr2"]()
             got_diff = float(np.abs(got - ours).max()) if got.shape == ours.shape else float("nan")
             seconds = interleaved(runs, args.min_time, args.min_runs)
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float, load_start: float) -> str:
     threads = [f"ours x{n}" for n in args.tile_threads]
+    pillow = ["Pillow", *(f"Pillow x{n}" for n in args.tile_threads)]
     lines = [
         "",
         HEADING,
@@ -303,7 +312,9 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
         f"- command: {command_line('bench_preprocess.py', args.argv)} ({elapsed:.0f} s)",
         "- from encoded bytes to float32 tiles; methods interleaved, medians. Wall ms = what one image takes; "
         "images/s per core = 1 / process CPU seconds per image; `ours xN` = our resizes and gathers in bands on N "
-        "threads (ivl_vision.banded_resize, IVL_VISION_DECODE_THREADS), checked np.array_equal to ours; `= ref`: ours "
+        "threads (IVL_VISION_DECODE_THREADS), checked np.array_equal to ours; ours resizes with the exact C kernel "
+        "(ivl_vision.exact_resize) and `Pillow[ xN]` is the same code with Pillow's own resize instead "
+        "(ivl_vision.banded_resize on N threads; what ours was before the kernel), checked equal; `= ref`: ours "
         "np.array_equal the reference; `GotOcr2 diff`: max |GotOcr2 - ours| (nan: different tile count). On a shared "
         "machine the wall ratios need free cores: threads beyond the idle cores only queue.",
         "",
@@ -313,14 +324,16 @@ def report(rows: list, pool_rows: list, args: argparse.Namespace, elapsed: float
         cpu = {method: value[0] for method, value in s.items()}
         wall = {method: value[1] * 1000 for method, value in s.items()}
         cells.append((name, max_tiles, tiles, f"{wall['reference']:.0f}", f"{wall['ours']:.0f}",
-                      *(f"{wall[t]:.0f}" for t in threads),
+                      *(f"{wall[t]:.0f}" for t in threads), *(f"{wall[t]:.0f}" for t in pillow),
                       f"{wall['reference'] / wall['ours']:.2f}", *(f"**{wall['reference'] / wall[t]:.2f}**" for t in threads),
+                      *(f"{wall['reference'] / wall[t]:.2f}" for t in pillow),
                       f"{1 / cpu['ours']:.2f}", f"{1 / cpu['reference']:.2f}", f"{1 / cpu['GotOcr2']:.2f}",
                       f"{1 / cpu['floor']:.2f}", *(f"{1 / cpu[t]:.2f}" for t in threads),
                       "yes" if equal else "NO", f"{got_diff:.2g}"))
     lines += markdown_table(
         ["image", "max_tiles", "tiles", "reference wall ms", "ours wall ms", *(f"{t} wall ms" for t in threads),
-         "ref / ours (wall)", *(f"ref / {t} (wall)" for t in threads), "ours img/s per core", "reference per core",
+         *(f"{t} wall ms" for t in pillow), "ref / ours (wall)", *(f"ref / {t} (wall)" for t in threads),
+         *(f"ref / {t} (wall)" for t in pillow), "ours img/s per core", "reference per core",
          "GotOcr2 (PIL) per core", "floor (decode+resize) per core", *(f"{t} per core" for t in threads), "= ref",
          "GotOcr2 diff"], cells)
     if pool_rows:
