@@ -20,6 +20,7 @@ import numpy as np
 from ivl_proto.errors import invalid
 from ivl_proto.worker_loop import run_worker
 
+from ivl_vision.exact_resize import exact_resize
 from ivl_vision.image_io import ImageLimits, decode_image, probe_image_size
 from ivl_vision.tiling import TilePlan, TilingConfig, pixel_storage, plan_tiles, tile_pixels
 
@@ -72,6 +73,9 @@ class _Tiler:
         self._buffer = np.empty(0, dtype=np.uint8)
         self._executor: ThreadPoolExecutor | None = None
         self._threads = 1
+        # Import and self-check the exact resize kernel when the worker starts, not inside the first image's
+        # CPU budget (ivl_vision.exact_resize; None means Pillow's resize).
+        exact_resize()
 
     def _pool(self, threads: int) -> ThreadPoolExecutor | None:
         if threads <= 1:
