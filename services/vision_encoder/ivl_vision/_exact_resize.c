@@ -149,40 +149,46 @@ HOT static void vertical(const uint8_t *src, int width, int channels, int col0, 
     }
 }
 
-static int check_buffers(const Py_buffer *src, Py_ssize_t src_len, const Py_buffer *dst, Py_ssize_t dst_len,
-                         const char *name)
+/* One pass over a band: parse (src, height, width, channels, first, last, out_size, dst), check the sizes and
+   the buffer lengths, compute the coefficients along the pass's axis and run it with the GIL released.
+   horizontal_pass: the band is rows [first, last), out_size the output width, dst (height, out_size, channels);
+   vertical_pass: the band is columns [first, last), out_size the output height, dst planar (channels, out_size, width). */
+static PyObject *run_pass(PyObject *args, int horizontal_pass)
 {
-    if (src->len != src_len || dst->len != dst_len) {
+    const char *name = horizontal_pass ? "horizontal_pass" : "vertical_pass";
+    Py_buffer src, dst;
+    int height, width, channels, first, last, out_size, ksize = -1;
+    if (!PyArg_ParseTuple(args, "y*iiiiiiw*", &src, &height, &width, &channels, &first, &last, &out_size, &dst))
+        return NULL;
+    PyObject *result = NULL;
+    int32_t *bounds = NULL, *coefs = NULL, *scratch = NULL;
+    int band_limit = horizontal_pass ? height : width;
+    if (channels < 1 || channels > 4 || (horizontal_pass && LANES % channels) || height < 1 || width < 1 ||
+        out_size < 1 || first < 0 || last > band_limit || first > last) {
+        PyErr_Format(PyExc_ValueError, "%s: sizes out of range", name);
+        goto done;
+    }
+    Py_ssize_t src_len = (Py_ssize_t)height * width * channels;
+    Py_ssize_t dst_len = horizontal_pass ? (Py_ssize_t)height * out_size * channels
+                                         : (Py_ssize_t)channels * out_size * width;
+    if (src.len != src_len || dst.len != dst_len) {
         PyErr_Format(PyExc_ValueError, "%s: the source holds %zd bytes for %zd expected, the output %zd for %zd",
-                     name, src->len, src_len, dst->len, dst_len);
-        return -1;
-    }
-    return 0;
-}
-
-/* horizontal_pass(src, height, width, channels, row0, row1, out_width, dst) */
-static PyObject *py_horizontal(PyObject *self, PyObject *args)
-{
-    Py_buffer src, dst;
-    int height, width, channels, row0, row1, out_width, ksize = -1;
-    if (!PyArg_ParseTuple(args, "y*iiiiiiw*", &src, &height, &width, &channels, &row0, &row1, &out_width, &dst))
-        return NULL;
-    PyObject *result = NULL;
-    int32_t *bounds = NULL, *coefs = NULL, *t = NULL;
-    if (channels < 1 || channels > 4 || LANES % channels || height < 1 || width < 1 || out_width < 1 ||
-        row0 < 0 || row1 > height || row0 > row1) {
-        PyErr_SetString(PyExc_ValueError, "horizontal_pass: sizes out of range");
+                     name, src.len, src_len, dst.len, dst_len);
         goto done;
     }
-    if (check_buffers(&src, (Py_ssize_t)height * width * channels, &dst, (Py_ssize_t)height * out_width * channels,
-                      "horizontal_pass"))
-        goto done;
     Py_BEGIN_ALLOW_THREADS
-    ksize = coefficients(width, out_width, &bounds, &coefs);
-    t = ksize < 0 ? NULL : malloc(sizeof(int32_t) * (size_t)width * LANES);
-    if (t && row1 > row0) horizontal(src.buf, width, channels, row0, row1, out_width, bounds, coefs, ksize, dst.buf, t);
+    ksize = coefficients(horizontal_pass ? width : height, out_size, &bounds, &coefs);
+    /* the horizontal pass's transposed block, or the vertical pass's accumulators for one output row */
+    size_t scratch_len = horizontal_pass ? (size_t)width * LANES : (size_t)(last - first) * channels + 1;
+    scratch = ksize < 0 ? NULL : malloc(sizeof(int32_t) * scratch_len);
+    if (scratch && last > first) {
+        if (horizontal_pass)
+            horizontal(src.buf, width, channels, first, last, out_size, bounds, coefs, ksize, dst.buf, scratch);
+        else
+            vertical(src.buf, width, channels, first, last, out_size, bounds, coefs, ksize, dst.buf, scratch);
+    }
     Py_END_ALLOW_THREADS
-    if (!t) {
+    if (!scratch) {
         PyErr_NoMemory();
         goto done;
     }
@@ -190,47 +196,15 @@ static PyObject *py_horizontal(PyObject *self, PyObject *args)
 done:
     free(bounds);
     free(coefs);
-    free(t);
+    free(scratch);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return result;
 }
 
-/* vertical_pass(src, height, width, channels, col0, col1, out_height, dst_planar) */
-static PyObject *py_vertical(PyObject *self, PyObject *args)
-{
-    Py_buffer src, dst;
-    int height, width, channels, col0, col1, out_height, ksize = -1;
-    if (!PyArg_ParseTuple(args, "y*iiiiiiw*", &src, &height, &width, &channels, &col0, &col1, &out_height, &dst))
-        return NULL;
-    PyObject *result = NULL;
-    int32_t *bounds = NULL, *coefs = NULL, *acc = NULL;
-    if (channels < 1 || channels > 4 || height < 1 || width < 1 || out_height < 1 || col0 < 0 || col1 > width ||
-        col0 > col1) {
-        PyErr_SetString(PyExc_ValueError, "vertical_pass: sizes out of range");
-        goto done;
-    }
-    if (check_buffers(&src, (Py_ssize_t)height * width * channels, &dst, (Py_ssize_t)channels * out_height * width,
-                      "vertical_pass"))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    ksize = coefficients(height, out_height, &bounds, &coefs);
-    acc = ksize < 0 ? NULL : malloc(sizeof(int32_t) * ((size_t)(col1 - col0) * channels + 1));
-    if (acc && col1 > col0) vertical(src.buf, width, channels, col0, col1, out_height, bounds, coefs, ksize, dst.buf, acc);
-    Py_END_ALLOW_THREADS
-    if (!acc) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
-done:
-    free(bounds);
-    free(coefs);
-    free(acc);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return result;
-}
+static PyObject *py_horizontal(PyObject *self, PyObject *args) { return run_pass(args, 1); }
+
+static PyObject *py_vertical(PyObject *self, PyObject *args) { return run_pass(args, 0); }
 
 static PyMethodDef methods[] = {
     {"horizontal_pass", py_horizontal, METH_VARARGS,
